@@ -1,0 +1,1 @@
+"""polydiff audio domain package (see ../shared/DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""polydiff graph domain package (see ../shared/DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""polydiff image domain package (see ../shared/DESIGN.md)."""

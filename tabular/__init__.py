@@ -1,0 +1,1 @@
+"""polydiff tabular domain package (see ../shared/DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""polydiff text domain package (see ../shared/DESIGN.md)."""

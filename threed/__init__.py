@@ -1,0 +1,1 @@
+"""polydiff threed domain package (see ../shared/DESIGN.md)."""

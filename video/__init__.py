@@ -1,0 +1,1 @@
+"""polydiff video domain package (see ../shared/DESIGN.md)."""
