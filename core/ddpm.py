@@ -110,7 +110,9 @@ def mean_flat(x: Tensor) -> Tensor:
 
 def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) -> Tensor:
     """Elementwise ``KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2)))`` in nats (broadcasts)."""
-    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+    return 0.5 * (
+        -1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2)
+    )
 
 
 def _approx_standard_normal_cdf(x: Tensor) -> Tensor:
@@ -171,7 +173,9 @@ class DiscreteDDPM:
         self.original_num_steps = T if original_num_steps is None else int(original_num_steps)
         tmap = torch.arange(T) if timestep_map is None else torch.as_tensor(list(timestep_map))
         if tmap.shape != (T,) or (tmap.numel() and (tmap.min() < 0 or tmap.max() >= self.original_num_steps)):
-            raise ValueError(f"timestep_map must hold {T} steps in [0, {self.original_num_steps}), got {tmap}")
+            raise ValueError(
+                f"timestep_map must hold {T} steps in [0, {self.original_num_steps}), got {tmap}"
+            )
         self.timestep_map = tmap.long()
 
         alphas = 1.0 - betas
@@ -203,7 +207,9 @@ class DiscreteDDPM:
         if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
             raise TypeError(f"t must hold integer steps, got dtype {t.dtype}")
         if t.ndim != 1 or (batch is not None and t.shape[0] != batch):
-            raise ValueError(f"t must have shape ({batch if batch is not None else 'B'},), got {tuple(t.shape)}")
+            raise ValueError(
+                f"t must have shape ({batch if batch is not None else 'B'},), got {tuple(t.shape)}"
+            )
         bad = (t < 0) | (t >= self.num_timesteps)
         if bad.any():
             raise ValueError(f"t must lie in [0, {self.num_timesteps - 1}], got {t[bad].tolist()}")
@@ -241,7 +247,9 @@ class DiscreteDDPM:
         if not kept:
             raise ValueError("use_timesteps must not be empty")
         if kept[0] < 0 or kept[-1] >= self.num_timesteps:
-            raise ValueError(f"use_timesteps must lie in [0, {self.num_timesteps - 1}], got {kept[0]}..{kept[-1]}")
+            raise ValueError(
+                f"use_timesteps must lie in [0, {self.num_timesteps - 1}], got {kept[0]}..{kept[-1]}"
+            )
         new_betas, last = [], 1.0
         for i in kept:
             ac = self.alphas_cumprod[i].item()
@@ -281,7 +289,8 @@ class DiscreteDDPM:
         if x0.shape != xt.shape:
             raise ValueError(f"x0 shape {tuple(x0.shape)} != xt shape {tuple(xt.shape)}")
         mean = (
-            self._extract(self.posterior_mean_coef1, t, xt) * x0 + self._extract(self.posterior_mean_coef2, t, xt) * xt
+            self._extract(self.posterior_mean_coef1, t, xt) * x0
+            + self._extract(self.posterior_mean_coef2, t, xt) * xt
         )
         var = self._extract(self.posterior_variance, t, xt)
         log_var = self._extract(self.posterior_log_variance_clipped, t, xt)

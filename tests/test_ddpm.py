@@ -129,7 +129,11 @@ def test_training_losses_match_reference(ref):
 
     with torch.no_grad():
         terms = spaced.training_losses(
-            model_fn, ref["diff_x_start"], ref["diff_t"], noise=ref["diff_noise"], model_kwargs={"y": ref["diff_y"]}
+            model_fn,
+            ref["diff_x_start"],
+            ref["diff_t"],
+            noise=ref["diff_noise"],
+            model_kwargs={"y": ref["diff_y"]},
         )
     for key in ("mse", "vb", "loss"):
         torch.testing.assert_close(terms[key], ref[f"loss_{key}"], atol=1e-5, rtol=1e-5)
@@ -172,13 +176,17 @@ def test_learned_range_endpoints(ddpm):
     eps = torch.randn(B, C, 4, dtype=torch.float64)
     for v, arr in ((-1.0, ddpm.posterior_log_variance_clipped), (1.0, ddpm.betas.log())):
         out = ddpm.p_mean_variance(torch.cat([eps, torch.full_like(eps, v)], 1), xt, t)
-        torch.testing.assert_close(out["log_variance"], arr[t].view(B, 1, 1).expand(B, C, 4), atol=1e-12, rtol=0)
+        torch.testing.assert_close(
+            out["log_variance"], arr[t].view(B, 1, 1).expand(B, C, 4), atol=1e-12, rtol=0
+        )
 
 
 def test_discretized_likelihood_sums_to_one():
     bins = torch.linspace(-1, 1, 256, dtype=torch.float64)  # uint8 values rescaled to [-1, 1]
     for mean, log_scale in ((0.1, math.log(0.3)), (-0.95, math.log(0.05)), (0.0, math.log(2.0))):
-        lp = discretized_gaussian_log_likelihood(bins, torch.full_like(bins, mean), torch.full_like(bins, log_scale))
+        lp = discretized_gaussian_log_likelihood(
+            bins, torch.full_like(bins, mean), torch.full_like(bins, log_scale)
+        )
         assert lp.exp().sum().item() == pytest.approx(1.0, abs=1e-9)
 
 
@@ -220,7 +228,9 @@ def test_cosine_betas_match_closed_form():
     def ab(u):
         return math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
 
-    expected = torch.tensor([min(1 - ab((i + 1) / N) / ab(i / N), 0.999) for i in range(N)], dtype=torch.float64)
+    expected = torch.tensor(
+        [min(1 - ab((i + 1) / N) / ab(i / N), 0.999) for i in range(N)], dtype=torch.float64
+    )
     torch.testing.assert_close(betas, expected, atol=1e-12, rtol=0)
     assert betas[-1].item() == 0.999
 
