@@ -1,0 +1,1 @@
+"""Deterministic samplers (probability-flow ODE); filled in by the ODE sampler work."""

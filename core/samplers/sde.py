@@ -1,0 +1,1 @@
+"""Stochastic samplers (reverse SDE); filled in by the SDE sampler work."""
