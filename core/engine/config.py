@@ -214,11 +214,25 @@ def to_schema(node: DictConfig | Any, schema: type, name: str) -> Any:
     """
     if isinstance(node, schema):
         return node
+    _reject_unknown_keys(node, schema, name)
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), node)
         return OmegaConf.to_object(merged)
     except Exception as e:  # omegaconf errors: name the group and keep their own message
         raise ConfigError(f"invalid config '{name}' ({schema.__name__}): {e}") from None
+
+
+def _reject_unknown_keys(node: Any, schema: type, prefix: str) -> None:
+    # Hydra's `+key=value` opens a structured node for writing; name such keys here.
+    if not (isinstance(node, (dict, DictConfig)) and dataclasses.is_dataclass(schema)):
+        return
+    known = {f.name: f for f in dataclasses.fields(schema)}
+    for key in node.keys():
+        if key not in known:
+            raise ConfigError(f"unknown key '{prefix}.{key}': {schema.__name__} has {sorted(known)}")
+        sub = known[key].type
+        if isinstance(sub, type) and dataclasses.is_dataclass(sub):
+            _reject_unknown_keys(node[key], sub, f"{prefix}.{key}")
 
 
 def typed_group(cfg: DictConfig, name: str) -> Any:
@@ -236,10 +250,8 @@ def typed_group(cfg: DictConfig, name: str) -> Any:
             f"config group '{name}' is not typed: its YAML must extend a registered schema "
             f"(defaults: [<name>_schema, _self_])"
         )
-    try:
-        return OmegaConf.to_object(node)
-    except Exception as e:
-        raise ConfigError(f"invalid config '{name}': {e}") from None
+    # Merging onto a fresh schema also catches keys forced in with Hydra's `+group.key=...`.
+    return to_schema(node, schema, name)
 
 
 def register_schema(group: str, name: str, schema: type) -> None:

@@ -368,7 +368,8 @@ class Trainer:
         return {
             "format": FORMAT,
             "step": self.step,
-            "data": {"epoch": self.epoch, "index": self.index, "n": self.n, "micro_batch": self.micro_global},
+            "data": {"epoch": self.epoch, "index": self.index, "offset": self.index * self.micro_global,
+                     "n": self.n, "micro_batch": self.micro_global},
             "model": model_sd,
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "optimizer": optim_sd,
@@ -409,11 +410,13 @@ class Trainer:
                 log.warning("checkpoint has no EMA; EMA restarts from its weights")
         self.step = int(state["step"])
         data = state["data"]
-        if (data["n"], data["micro_batch"]) != (self.n, self.micro_global):
+        self.epoch, self.index = int(data["epoch"]), int(data["index"])
+        if data["micro_batch"] != self.micro_global:  # grad_accum or batch changed: keep the sample offset
+            self.index = int(data["offset"]) // self.micro_global
+        if data["n"] != self.n or data["offset"] % self.micro_global:
             log.warning("data size or micro-batch changed since the checkpoint (%s -> %s); "
                         "the data order is not the one of an uninterrupted run",
                         (data["n"], data["micro_batch"]), (self.n, self.micro_global))
-        self.epoch, self.index = int(data["epoch"]), int(data["index"])
         if self.index >= self.sampler.per_epoch:
             self.epoch, self.index = self.epoch + 1, 0
         rngs = state["rng"]

@@ -1,0 +1,479 @@
+"""Training engine: EMA, schedules, checkpoints, resume, non-finite loss, configs, safety.
+
+Subprocess tests run ``python -m core.engine.example`` (and ``torchrun`` for two ranks) in the
+repository, the way a user would; the rest drive ``Trainer`` in-process on a tiny MLP.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from core.engine import EMA, NonFiniteLossError, Trainer, TrainerConfig, lr_factor
+from core.engine.checkpoint import (
+    CheckpointError,
+    atomic_write,
+    checkpoint_path,
+    export_ema_from_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    newest_loadable,
+    prune_checkpoints,
+    save_checkpoint,
+)
+from core.engine.config import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+TORCHRUN = str(Path(PY).parent / "torchrun")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def tiny_model(seed: int = 0, dim: int = 3) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(dim + 1, 16), nn.SiLU(), nn.Dropout(0.1), nn.Linear(16, dim))
+
+
+def tiny_data(n: int = 50, dim: int = 3) -> torch.Tensor:
+    return torch.randn(n, dim, generator=torch.Generator().manual_seed(123))
+
+
+def denoise_loss(model, x0, g):
+    """Uses the generator and (through dropout) the global RNG: both must be restored on resume."""
+    t = torch.rand(x0.shape[0], 1, generator=g)
+    eps = torch.randn(x0.shape, generator=g)
+    xt = (1 - t) * x0 + t * eps
+    return {"loss": (model(torch.cat([xt, t], 1)) - x0).float().pow(2).mean(), "t_mean": t.mean()}
+
+
+def make_cfg(tmp: Path, **kw) -> TrainerConfig:
+    base = dict(seed=3, steps=12, batch_size=8, grad_accum=2, lr=1e-2, warmup_steps=3, schedule="cosine",
+                grad_clip=0.5, ema_decays=[0.9, 0.99], ema_warmup=True, ckpt_every=4, keep_last=2, log_every=2,
+                out_dir=str(tmp), resume="auto", progress=False, tensorboard=False)
+    base.update(kw)
+    return TrainerConfig(**base)
+
+
+def assert_same(a, b, path="state"):
+    """Bitwise equality of nested checkpoint structures."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert set(a) == set(b), (path, set(a) ^ set(b))
+        for k in a:
+            assert_same(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, (path, a, b)
+
+
+def training_state(ckpt: dict) -> dict:
+    return {k: ckpt[k] for k in ("step", "model", "ema", "optimizer", "scheduler", "data", "rng")}
+
+
+def example_cmd(out: Path, *overrides: str, torchrun: int = 0) -> list[str]:
+    head = [TORCHRUN, "--standalone", f"--nproc_per_node={torchrun}", "-m"] if torchrun else [PY, "-m"]
+    return [*head, "core.engine.example", f"hydra.run.dir={out}", "trainer.progress=false", *overrides]
+
+
+def example_env(**extra: str) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2", "HYDRA_FULL_ERROR": "0"}
+    env.update(extra)
+    return env
+
+
+def run_example(out: Path, *overrides: str, torchrun: int = 0, check: bool = True, **env):
+    proc = subprocess.run(example_cmd(out, *overrides, torchrun=torchrun), cwd=REPO, env=example_env(**env),
+                          capture_output=True, text=True, timeout=240)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+SMOKE = ("trainer=smoke", "trainer.sample_every=0", "data.n=512", "model.hidden=32")
+
+# ----------------------------------------------------------------------------- EMA, schedules
+
+
+def test_ema_one_update_equals_formula():
+    model = tiny_model()
+    ema = EMA(model, decays=[0.9, 0.999])
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    ema.update(model)
+    for d in (0.9, 0.999):
+        avg = ema.averaged(d)
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(avg[n], d * before[n] + (1 - d) * p.detach(), rtol=1e-6, atol=1e-7)
+    # Warm-up: update n uses min(d, (1 + n) / (10 + n)).
+    w = EMA(model, decays=[0.999], warmup=True)
+    assert w.effective_decay(0.999) == pytest.approx(0.1)
+    start = {n: t.clone() for n, t in w.averaged().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(2.0)
+    w.update(model)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(w.averaged()[n], 0.1 * start[n] + 0.9 * p.detach(), rtol=1e-6, atol=1e-7)
+    assert w.effective_decay(0.999) == pytest.approx(2 / 11)
+    # Swapping EMA weights in and out restores the training weights exactly.
+    current = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with w.swapped_in(model) as m:
+        for n, p in m.named_parameters():
+            assert torch.equal(p, w.averaged()[n])
+    for n, p in model.named_parameters():
+        assert torch.equal(p, current[n])
+
+
+def test_lr_schedule_values(tmp_path):
+    # warm-up: (k + 1) / W for k < W
+    assert [lr_factor(k, 4, 20, "constant") for k in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    # cosine from 1 at the end of warm-up to min_ratio at the last step
+    assert lr_factor(4, 4, 20, "cosine") == pytest.approx(1.0)
+    assert lr_factor(12, 4, 20, "cosine") == pytest.approx(0.5)
+    assert lr_factor(20, 4, 20, "cosine", 0.1) == pytest.approx(0.1)
+    assert lr_factor(9, 4, 14, "cosine", 0.2) == pytest.approx(0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_factor(0, 0, 10, "linear") == pytest.approx(1.0)
+    assert lr_factor(5, 0, 10, "linear") == pytest.approx(0.5)
+    # The trainer's optimiser follows the schedule step by step.
+    cfg = make_cfg(tmp_path, steps=10, warmup_steps=2, schedule="linear", min_lr_ratio=0.1, lr=0.5,
+                   ckpt_every=0, export_ema=False, log_every=1)
+    seen = []
+
+    def loss(model, x, g):
+        seen.append(tr.optimizer.param_groups[0]["lr"])
+        return denoise_loss(model, x, g)
+
+    tr = Trainer(tiny_model(), loss, tiny_data(), cfg)
+    tr.fit()
+    expected = [0.5 * lr_factor(k, 2, 10, "linear", 0.1) for k in range(10)]
+    assert seen[::2] == pytest.approx(expected)  # two micro-steps per step
+
+
+# ----------------------------------------------------------------------------- checkpoint files
+
+
+def test_atomic_write_and_keep_last_k(tmp_path):
+    for step in range(1, 6):
+        save_checkpoint({"step": step, "w": torch.full((3,), float(step))}, checkpoint_path(tmp_path, step))
+        prune_checkpoints(tmp_path, keep_last=2)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [4, 5]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_00000004.pt", "ckpt_00000005.pt"]
+    # A writer that fails half-way leaves the previous file intact and no temporary behind.
+    target = checkpoint_path(tmp_path, 5)
+
+    def broken(f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(target, broken)
+    assert load_checkpoint(target)["step"] == 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_00000004.pt", "ckpt_00000005.pt"]
+    # A torn file under a checkpoint name is reported as corrupt, and auto-resume skips it.
+    checkpoint_path(tmp_path, 6).write_bytes(target.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="corrupt or incomplete"):
+        load_checkpoint(checkpoint_path(tmp_path, 6))
+    path, state = newest_loadable(tmp_path)
+    assert path == target and state["step"] == 5
+
+
+class _Evil:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickled_object_checkpoint_is_refused_not_executed(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "ckpts" / "ckpt_00000009.pt"
+    evil.parent.mkdir()
+    torch.save({"step": 9, "model": {"w": torch.zeros(2)}, "payload": _Evil(str(marker))}, evil)
+    assert not marker.exists()
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        load_checkpoint(evil)
+    assert not marker.exists()
+    with pytest.raises(CheckpointError, match="refusing"):  # auto-resume does not skip past it silently
+        newest_loadable(evil.parent)
+    cfg = make_cfg(tmp_path / "run", resume=str(evil))
+    with pytest.raises(CheckpointError, match="refusing"):
+        Trainer(tiny_model(), denoise_loss, tiny_data(), cfg).fit()
+    assert not marker.exists()
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+@pytest.mark.parametrize("as_dataset", [False, True], ids=["tensor", "dataset"])
+def test_resume_is_bit_identical(tmp_path, as_dataset):
+    """N steps straight == N/2 steps, stop, new Trainer resumes for N/2 (same seed, CPU)."""
+    data = tiny_data(50)
+    if as_dataset:
+        data = [row for row in data]  # a plain map-style dataset (list), batched by a DataLoader
+    n = 14  # 50 samples / micro-batch 4 = 12 micro-batches per epoch: epochs wrap mid-run
+    straight = Trainer(tiny_model(), denoise_loss, data, make_cfg(tmp_path / "a", steps=n))
+    straight.fit()
+    first = Trainer(tiny_model(), denoise_loss, data, make_cfg(tmp_path / "b", steps=n))
+    first.fit(stop_at=n // 2)
+    assert first.step == n // 2 and (first.epoch, first.index) == (1, 2)
+    second = Trainer(tiny_model(seed=99), denoise_loss, data, make_cfg(tmp_path / "b", steps=n))
+    second.fit()
+    a = load_checkpoint(checkpoint_path(tmp_path / "a" / "checkpoints", n))
+    b = load_checkpoint(checkpoint_path(tmp_path / "b" / "checkpoints", n))
+    assert_same(training_state(a), training_state(b))
+    assert a["optimizer"]["state"]  # non-trivial Adam moments were compared
+    # Metrics after the resume continue the log without duplicates (step 7: the stop).
+    lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(ln)["step"] for ln in lines] == [2, 4, 6, 7, 8, 10, 12, 14]
+
+
+def test_nonfinite_loss_stops_naming_step_and_keeps_last_good_checkpoint(tmp_path):
+    calls = {"n": 0}
+
+    def loss(model, x, g):
+        calls["n"] += 1
+        out = denoise_loss(model, x, g)
+        if calls["n"] == 2 * 7 - 1:  # first micro-step of step 7
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    cfg = make_cfg(tmp_path, steps=12, ckpt_every=2, keep_last=5)
+    tr = Trainer(tiny_model(), loss, tiny_data(), cfg)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) at step 7") as err:
+        tr.fit()
+    assert "ckpt_00000006.pt" in str(err.value)
+    assert [s for s, _ in list_checkpoints(tmp_path / "checkpoints")] == [2, 4, 6]
+    last = load_checkpoint(checkpoint_path(tmp_path / "checkpoints", 6))
+    assert all(torch.isfinite(v).all() for v in last["model"].values())
+    assert all(torch.isfinite(p).all() for p in tr.raw_model.parameters())  # no update was applied
+    # The run resumes from the last good checkpoint.
+    resumed = Trainer(tiny_model(), denoise_loss, tiny_data(), cfg)
+    assert resumed.fit()["step"] == 12
+
+
+# ----------------------------------------------------------------------------- precision, export, metrics
+
+
+def test_bf16_autocast_runs_on_cpu_and_fp16_is_refused(tmp_path):
+    dtypes = []
+
+    def loss(model, x, g):
+        assert torch.is_autocast_enabled("cpu")
+        y = model(torch.cat([x, torch.zeros(x.shape[0], 1)], 1))
+        dtypes.append(y.dtype)
+        return (y.float() - x).pow(2).mean()
+
+    out = Trainer(tiny_model(), loss, tiny_data(), make_cfg(tmp_path, precision="bf16", steps=3)).fit()
+    assert math.isfinite(out["loss"]) and set(dtypes) == {torch.bfloat16}
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="trainer.precision.*fp16.*CUDA"):
+            Trainer(tiny_model(), loss, tiny_data(), make_cfg(tmp_path / "x", precision="fp16"))
+
+
+def test_export_metrics_and_sampling(tmp_path):
+    from safetensors.torch import load_file
+
+    sampled = []
+
+    def sample_fn(model, step, out_dir):
+        sampled.append((step, {n: p.detach().clone() for n, p in model.named_parameters()}, out_dir))
+        torch.randn(5)  # must not disturb training randomness
+
+    cfg = make_cfg(tmp_path, steps=6, sample_every=3, ckpt_every=3)
+    tr = Trainer(tiny_model(), denoise_loss, tiny_data(), cfg, sample_fn=sample_fn)
+    tr.fit()
+    assert [s for s, _, _ in sampled] == [3, 6] and sampled[0][2] == tmp_path
+    ckpt = load_checkpoint(checkpoint_path(tmp_path / "checkpoints", 6))
+    for n, p in sampled[1][1].items():  # the sampler saw the EMA weights of the first decay
+        assert torch.equal(p, ckpt["ema"]["shadows"]["0.9"][n])
+    for d in ("0.9", "0.99"):
+        exported = load_file(str(tmp_path / f"ema_{d}.safetensors"))
+        assert_same(exported, {k: v for k, v in ckpt["ema"]["shadows"][d].items()})
+    export_ema_from_checkpoint(checkpoint_path(tmp_path / "checkpoints", 6), tmp_path / "x.safetensors", 0.99)
+    assert_same(load_file(str(tmp_path / "x.safetensors")), ckpt["ema"]["shadows"]["0.99"])
+    # Same run without sampling: identical weights (sampling restored the RNG states).
+    plain = Trainer(tiny_model(), denoise_loss, tiny_data(), make_cfg(tmp_path / "p", steps=6, ckpt_every=3))
+    plain.fit()
+    assert_same(plain.raw_model.state_dict(), tr.raw_model.state_dict())
+    rows = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert rows[0].split(",")[:3] == ["step", "loss", "t_mean"] and len(rows) == 4
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_sharded_batches_cover_the_global_batch():
+    from core.engine.trainer import BatchIndexSampler
+
+    one = BatchIndexSampler(40, 8, rank=0, world_size=1, seed=5)
+    two = [BatchIndexSampler(40, 8, rank=r, world_size=2, seed=5) for r in range(2)]
+    for epoch in range(2):
+        for j in range(one.per_epoch):
+            assert torch.equal(torch.cat([s.indices(epoch, j) for s in two]), one.indices(epoch, j))
+    assert not torch.equal(one.permutation(0), one.permutation(1))
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def compose(*overrides: str):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    import core.engine.example  # noqa: F401  (registers the schemas)
+
+    with initialize_config_dir(config_dir=str(REPO / "configs" / "example"), version_base="1.3"):
+        return hydra_compose("config", overrides=["trainer.out_dir=/tmp/unused", *overrides])
+
+
+GROUPS = ("model", "data", "path", "loss", "sampler")
+
+
+def test_bad_configs_fail_at_start_naming_the_key(tmp_path, monkeypatch):
+    from hydra.errors import ConfigCompositionException
+
+    from core.engine.run import prepare
+
+    prepare(compose(), GROUPS)  # the shipped config is valid
+    with pytest.raises(ConfigCompositionException) as e:
+        compose("trainer.lrr=0.1")
+    assert "lrr" in str(e.value.__cause__) and "TrainerConfig" in str(e.value.__cause__)
+    with pytest.raises(ConfigError, match="lrr"):  # Hydra lets `+` add it; the schema check does not
+        prepare(compose("+trainer.lrr=0.1"), GROUPS)
+    with pytest.raises(ConfigError, match="hiden"):
+        prepare(compose("+model.hiden=3"), GROUPS)
+    with pytest.raises(ConfigCompositionException):
+        compose("trainer.lr=fast")
+    with pytest.raises(ConfigError, match=r"trainer\.lr must be > 0, got -0\.001"):
+        prepare(compose("trainer.lr=-0.001"), GROUPS)
+    with pytest.raises(ConfigError, match=r"data\.path does not exist: '/nonexistent/points\.pt'"):
+        prepare(compose("data=file", "data.path=/nonexistent/points.pt"), GROUPS)
+    with pytest.raises(ConfigError, match=r"data.*path"):
+        prepare(compose("data=file"), GROUPS)  # mandatory, not given
+    with pytest.raises(ConfigError, match="path.kind"):
+        prepare(compose("path.kind=spiral"), GROUPS)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"batch_size=7 \(global\) must be divisible by world_size \* grad_accum"):
+        prepare(compose("trainer.batch_size=7"), GROUPS)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    # A misspelt key inside a group's YAML file fails at compose time too.
+    import shutil
+
+    cfg_dir = tmp_path / "cfg"
+    shutil.copytree(REPO / "configs" / "example", cfg_dir)
+    with open(cfg_dir / "trainer" / "default.yaml", "a") as f:
+        f.write("ema_decay: 0.9\n")
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(cfg_dir), version_base="1.3"):
+        with pytest.raises(Exception, match="ema_decay"):
+            hydra_compose("config")
+
+
+def test_bad_configs_fail_at_start_on_the_command_line(tmp_path):
+    procs = {
+        "lr": subprocess.Popen(example_cmd(tmp_path / "a", "trainer.lr=-1"), cwd=REPO, env=example_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+        "key": subprocess.Popen(example_cmd(tmp_path / "b", "trainer.bach_size=8"), cwd=REPO, env=example_env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+        "ranks": subprocess.Popen(example_cmd(tmp_path / "c", "trainer.batch_size=9"), cwd=REPO,
+                                  env=example_env(WORLD_SIZE="2"), stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True),
+    }
+    out = {k: p.communicate(timeout=120) for k, p in procs.items()}
+    assert procs["lr"].returncode == 2 and "trainer.lr must be > 0, got -1.0" in out["lr"][1]
+    assert procs["key"].returncode != 0 and "Key 'bach_size' not in 'TrainerConfig'" in out["key"][1]
+    assert procs["ranks"].returncode == 2 and "batch_size=9" in out["ranks"][1]
+    assert not (tmp_path / "a" / "checkpoints").exists()
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+def _wait_for_line(proc: subprocess.Popen, needle: str, timeout: float) -> str:
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stderr, selectors.EVENT_READ)
+    seen, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not sel.select(timeout=0.5):
+            continue
+        line = proc.stderr.readline()
+        if not line:
+            break
+        seen.append(line)
+        if needle in line:
+            return line
+    raise AssertionError(f"{needle!r} never appeared; stderr:\n{''.join(seen)[-4000:]}")
+
+
+def test_sigkill_while_writing_checkpoint_leaves_previous_loadable_and_resumes(tmp_path):
+    args = (*SMOKE, "trainer.steps=12", "trainer.ckpt_every=4", "trainer.keep_last=3")
+    straight = subprocess.Popen(example_cmd(tmp_path / "straight", *args), cwd=REPO, env=example_env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    run = tmp_path / "killed"
+    victim = subprocess.Popen(
+        example_cmd(run, *args), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env=example_env(POLYDIFF_TEST_STALL_BEFORE_RENAME="ckpt_00000008"),
+    )
+    try:
+        _wait_for_line(victim, "polydiff-test: stalling before rename", timeout=120)
+        victim.send_signal(signal.SIGKILL)
+        assert victim.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+    ckdir = run / "checkpoints"
+    assert [s for s, _ in list_checkpoints(ckdir)] == [4]
+    assert any(".tmp." in p.name for p in ckdir.iterdir())  # the write that was cut short
+    assert load_checkpoint(checkpoint_path(ckdir, 4))["step"] == 4
+    run_example(run, *args)  # resume=auto from step 4
+    assert not any(".tmp." in p.name for p in ckdir.iterdir())
+    _, err = straight.communicate(timeout=120)
+    assert straight.returncode == 0, err[-3000:]
+    a = load_checkpoint(checkpoint_path(tmp_path / "straight" / "checkpoints", 12))
+    b = load_checkpoint(checkpoint_path(ckdir, 12))
+    assert_same(training_state(a), training_state(b))
+
+
+def test_two_gloo_ranks_match_one_rank(tmp_path):
+    args = ("loss=regression", "trainer=smoke", "trainer.steps=6", "trainer.batch_size=16", "trainer.ckpt_every=6",
+            "trainer.sample_every=6", "sampler.num_samples=31", "sampler.steps=4", "data.n=512", "model.hidden=32")
+    two = subprocess.Popen(example_cmd(tmp_path / "two", *args, "trainer.grad_accum=2", torchrun=2), cwd=REPO,
+                           env=example_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run_example(tmp_path / "one", *args)
+    out, err = two.communicate(timeout=240)
+    assert two.returncode == 0, out[-3000:] + err[-5000:]
+    a = load_checkpoint(checkpoint_path(tmp_path / "one" / "checkpoints", 6))
+    b = load_checkpoint(checkpoint_path(tmp_path / "two" / "checkpoints", 6))
+    assert b["world_size"] == 2 and len(b["rng"]) == 2
+    for key in ("model",):
+        for n in a[key]:
+            torch.testing.assert_close(b[key][n], a[key][n], rtol=1e-5, atol=1e-6)
+    for d, shadow in a["ema"]["shadows"].items():
+        for n in shadow:
+            torch.testing.assert_close(b["ema"]["shadows"][d][n], shadow[n], rtol=1e-5, atol=1e-6)
+    for i, st in a["optimizer"]["state"].items():
+        torch.testing.assert_close(b["optimizer"]["state"][i]["exp_avg"], st["exp_avg"], rtol=1e-4, atol=1e-7)
+    assert a["data"]["epoch"] == b["data"]["epoch"] and a["data"]["offset"] == b["data"]["offset"] == 6 * 16
+    # The sampler ran on both ranks and gathered all samples on rank 0.
+    samples = torch.load(tmp_path / "two" / "samples" / "samples_00000006.pt", weights_only=True)["x"]
+    assert samples.shape == (31, 2) and torch.isfinite(samples).all()
