@@ -221,18 +221,24 @@ def make_sample_fn(path: PathConfig, sampler: SamplerConfig, data: torch.Tensor)
 # ----------------------------------------------------------------------------- entry point
 
 
+def train(cfg: DictConfig) -> dict:
+    """Check ``cfg`` (a composed config), build everything and train; returns the last metrics."""
+    ctx = prepare(cfg, groups=("model", "data", "path", "loss", "sampler"))
+    g = ctx.groups
+    data = make_data(g["data"])
+    model = Denoiser(data.shape[1], g["model"])
+    trainer = Trainer(model, make_loss(g["path"], g["loss"]), data, ctx.trainer,
+                      sample_fn=make_sample_fn(g["path"], g["sampler"], data))
+    result = trainer.fit()
+    if trainer.is_main:
+        print(json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in result.items()}), flush=True)
+    return result
+
+
 @hydra.main(version_base="1.3", config_path="../../configs/example", config_name="config")
 def main(cfg: DictConfig) -> None:
     with engine_main():
-        ctx = prepare(cfg, groups=("model", "data", "path", "loss", "sampler"))
-        g = ctx.groups
-        data = make_data(g["data"])
-        model = Denoiser(data.shape[1], g["model"])
-        trainer = Trainer(model, make_loss(g["path"], g["loss"]), data, ctx.trainer,
-                          sample_fn=make_sample_fn(g["path"], g["sampler"], data))
-        result = trainer.fit()
-        if trainer.is_main:
-            print(json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in result.items()}), flush=True)
+        train(cfg)
 
 
 if __name__ == "__main__":
