@@ -396,8 +396,16 @@ def test_bad_configs_fail_at_start_naming_the_key(tmp_path, monkeypatch):
             hydra_compose("config")
 
 
-def test_bad_configs_fail_at_start_on_the_command_line(tmp_path):
+def test_command_line_failures_are_clear(tmp_path):
+    """Bad configs exit 2 before training; a NaN in the data exits 3 naming the step."""
+    x = torch.randn(64, 2)
+    x[37] = float("nan")
+    torch.save({"x": x}, tmp_path / "nan.pt")
+    nan_args = ("data=file", f"data.path={tmp_path / 'nan.pt'}", "trainer=smoke", "trainer.batch_size=8",
+                "trainer.ckpt_every=1", "trainer.sample_every=0", "model.hidden=16")
     procs = {
+        "nan": subprocess.Popen(example_cmd(tmp_path / "n", *nan_args), cwd=REPO, env=example_env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
         "lr": subprocess.Popen(example_cmd(tmp_path / "a", "trainer.lr=-1"), cwd=REPO, env=example_env(),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
         "key": subprocess.Popen(example_cmd(tmp_path / "b", "trainer.bach_size=8"), cwd=REPO, env=example_env(),
@@ -407,6 +415,11 @@ def test_bad_configs_fail_at_start_on_the_command_line(tmp_path):
     assert procs["lr"].returncode == 2 and "trainer.lr must be > 0, got -1.0" in out["lr"][1]
     assert procs["key"].returncode != 0 and "Key 'bach_size' not in 'TrainerConfig'" in out["key"][1]
     assert not (tmp_path / "a" / "checkpoints").exists()
+    assert procs["nan"].returncode == 3, out["nan"][1][-3000:]
+    bad_step = int(out["nan"][1].split("non-finite loss (nan) at step ")[1].split(";")[0])
+    steps = [s for s, _ in list_checkpoints(tmp_path / "n" / "checkpoints")]
+    assert steps and steps[-1] == bad_step - 1  # every step before it was checkpointed, none after
+    assert f"last good checkpoint: {checkpoint_path(tmp_path / 'n' / 'checkpoints', bad_step - 1)}" in out["nan"][1]
 
 
 # ----------------------------------------------------------------------------- processes
@@ -446,7 +459,7 @@ def test_sigkill_while_writing_checkpoint_leaves_previous_loadable_and_resumes(t
     assert [s for s, _ in list_checkpoints(ckdir)] == [4]
     assert any(".tmp." in p.name for p in ckdir.iterdir())  # the write that was cut short
     assert load_checkpoint(checkpoint_path(ckdir, 4))["step"] == 4
-    run_example(run, *args)  # resume=auto from step 4
+    train_in_process(run, *args)  # resume=auto from step 4 (the same code path as the command line)
     assert not any(".tmp." in p.name for p in ckdir.iterdir())
     train_in_process(tmp_path / "straight", *args)  # the uninterrupted reference
     a = load_checkpoint(checkpoint_path(tmp_path / "straight" / "checkpoints", 12))
@@ -477,3 +490,70 @@ def test_two_gloo_ranks_match_one_rank(tmp_path):
     # The sampler ran on both ranks and gathered all samples on rank 0.
     samples = torch.load(tmp_path / "two" / "samples" / "samples_00000006.pt", weights_only=True)["x"]
     assert samples.shape == (31, 2) and torch.isfinite(samples).all()
+
+
+# ----------------------------------------------------------------------------- slow (pytest -m slow)
+
+
+@pytest.mark.slow
+def test_fsdp_two_ranks_match_one_rank_and_resume(tmp_path):
+    """FSDP2 over gloo: stop at step 3, resume to 6; same weights as one rank (float tolerance)."""
+    args = ("loss=regression", "trainer=smoke", "trainer.steps=6", "trainer.batch_size=16", "trainer.ckpt_every=3",
+            "trainer.sample_every=3", "sampler.num_samples=31", "sampler.steps=4", "data.n=512", "model.hidden=32")
+    fsdp = (*args, "trainer.strategy=fsdp", "trainer.fsdp_wrap=[Linear]")
+    run_example(tmp_path / "two", *fsdp, "trainer.stop_at=3", torchrun=2)
+    assert [s for s, _ in list_checkpoints(tmp_path / "two" / "checkpoints")] == [3]
+    run_example(tmp_path / "two", *fsdp, torchrun=2)
+    train_in_process(tmp_path / "one", *args)
+    a = load_checkpoint(checkpoint_path(tmp_path / "one" / "checkpoints", 6))
+    b = load_checkpoint(checkpoint_path(tmp_path / "two" / "checkpoints", 6))
+    for n in a["model"]:
+        torch.testing.assert_close(b["model"][n], a["model"][n], rtol=1e-5, atol=1e-6)
+    for d, shadow in a["ema"]["shadows"].items():
+        for n in shadow:
+            torch.testing.assert_close(b["ema"]["shadows"][d][n], shadow[n], rtol=1e-5, atol=1e-6)
+    samples = torch.load(tmp_path / "two" / "samples" / "samples_00000006.pt", weights_only=True)["x"]
+    assert samples.shape == (31, 2)
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path):
+    """Kill the run (SIGKILL) repeatedly at random moments while it checkpoints every step."""
+    import random
+
+    args = (*SMOKE, "model.hidden=384", "trainer.steps=30", "trainer.ckpt_every=1", "trainer.keep_last=2",
+            "trainer.log_every=1")
+    run = tmp_path / "run"
+    rng = random.Random(0)
+    kills = 0
+    for _ in range(6):
+        proc = subprocess.Popen(example_cmd(run, *args), cwd=REPO, env=example_env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        start = list_checkpoints(run / "checkpoints")
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if list_checkpoints(run / "checkpoints") != start:
+                break
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.3))
+        if proc.poll() is not None:
+            break
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        kills += 1
+        newest = newest_loadable(run / "checkpoints")
+        assert newest is not None, "no loadable checkpoint after SIGKILL"
+    assert kills >= 1
+    run_example(run, *args)
+    train_in_process(tmp_path / "straight", *args)
+    a = load_checkpoint(checkpoint_path(tmp_path / "straight" / "checkpoints", 30))
+    b = load_checkpoint(checkpoint_path(run / "checkpoints", 30))
+    assert_same(training_state(a), training_state(b))
+
+
+@pytest.mark.slow
+def test_compile_flag_trains(tmp_path):
+    out = train_in_process(tmp_path, *SMOKE, "trainer.steps=4", "trainer.compile=true", "trainer.ckpt_every=2")
+    assert out["step"] == 4 and math.isfinite(out["loss"])
+    resumed = train_in_process(tmp_path, *SMOKE, "trainer.steps=6", "trainer.compile=true")
+    assert resumed["step"] == 6

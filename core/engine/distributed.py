@@ -106,7 +106,8 @@ def gather(t: torch.Tensor) -> torch.Tensor:
         pad = t.new_zeros((biggest - t.shape[0], *t.shape[1:]))
         t = torch.cat([t, pad])
     out = t.new_empty((biggest * len(counts), *t.shape[1:]))
-    dist.all_gather_into_tensor(out, t)
+    gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in 2.1x
+    gather_single(out, t)
     return torch.cat([out[i * biggest: i * biggest + c] for i, c in enumerate(counts)])
 
 
