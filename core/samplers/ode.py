@@ -242,7 +242,9 @@ def sample_dpmpp_2m(denoiser, path: GaussianPath, x: Tensor, grid, *, generator=
 
 
 @register("dpmpp_3m", stochastic=False, nfe=lambda steps, final_zero: steps)
-def sample_dpmpp_3m(denoiser, path: GaussianPath, x: Tensor, grid, *, generator=None, callback=None):
+def sample_dpmpp_3m(
+    denoiser, path: GaussianPath, x: Tensor, grid, *, generator=None, callback=None, legacy: bool = False
+):
     """DPM-Solver++(3M): the third-order multistep update of the official dpm-solver repository
     (``multistep_dpm_solver_third_update``, data prediction) on top of (2M).
 
@@ -250,11 +252,18 @@ def sample_dpmpp_3m(denoiser, path: GaussianPath, x: Tensor, grid, *, generator=
     divided differences ``D1, D2`` of the last three denoiser outputs in lambda,
     ``x_s = (sigma_s/sigma_t) x_t - alpha_s phi_1 D_i + alpha_s phi_2 D1 - alpha_s phi_3 D2``.
     Orders 1 and 2 on the first two steps, first order on a step onto sigma = 0.
+
+    Deviation from the official code: there ``D2 = (D1_0 - D1_1) / (r0 + r1)`` estimates
+    ``h^2 D''/2`` while its coefficient ``-phi_3`` multiplies ``h^2 D''`` in the Taylor expansion of
+    (2), so the update is only second order (local error O(h^3); k-diffusion's ``dpmpp_3m_sde`` and
+    diffusers' multistep scheduler share it). We use ``D2 = 2 (D1_0 - D1_1) / (r0 + r1)``, which
+    makes the local error O(h^4) and the measured global order 3 (tests/test_samplers_ode.py);
+    ``legacy=True`` restores the official coefficient, e.g. to compare with those libraries.
     """
-    return _multistep_dpmpp(denoiser, path, x, grid, 3, callback)
+    return _multistep_dpmpp(denoiser, path, x, grid, 3, callback, d2_scale=1.0 if legacy else 2.0)
 
 
-def _multistep_dpmpp(denoiser, path, x, grid, order, callback):
+def _multistep_dpmpp(denoiser, path, x, grid, order, callback, d2_scale=2.0):
     _check_callback(callback)
     sch = _Schedule(path, grid)
     history: list[tuple[float, Tensor]] = []  # (lambda, D) of earlier points with finite lambda
@@ -282,11 +291,171 @@ def _multistep_dpmpp(denoiser, path, x, grid, order, callback):
                 r1 = (lam1 - lam2) / h
                 d1_1 = (d1 - d2) / r1
                 first = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
-                second = 2.0 * (d1_0 - d1_1) / (r0 + r1)
+                second = (d2_scale / (r0 + r1)) * (d1_0 - d1_1)
                 phi2 = phi1 / h + 1.0
                 phi3 = phi2 / h - 0.5
                 x_new = x_new + (a_s * phi2) * first - (a_s * phi3) * second
         if math.isfinite(lam_t):
             history = (history + [(lam_t, denoised)])[-2:]
         x = x_new
+    return x, nfe
+
+
+def _unipc_coefficients(h: float, rks: list[float], order: int, variant: str):
+    """UniPC's linear system (Zhao et al. 2023, Alg. 2 and 3, data prediction).
+
+    ``rks`` are ``(lambda_{i-k} - lambda_i) / h`` for the ``order - 1`` earlier points. Returns the
+    predictor weights (UniP), the corrector weights (UniC, last one for the new point) and ``B(h)``.
+    ``R[k][j] = r_j^k`` and ``b_k = k! phi_{k+1}(h) / B(h)`` with ``hh = -h`` (data prediction).
+    """
+    hh = -h
+    h_phi_1 = math.expm1(hh)  # h phi_1
+    h_phi_k = h_phi_1 / hh - 1.0  # h phi_2 / h, then the recursion phi_{k+1} = (phi_k - 1/k!) / hh
+    b_h = hh if variant == "bh1" else h_phi_1
+    r = rks + [1.0]
+    R = torch.tensor([[rk**k for rk in r] for k in range(order)], dtype=torch.float64)
+    b, factorial = [], 1
+    for k in range(1, order + 1):
+        b.append(h_phi_k * factorial / b_h)
+        factorial *= k + 1
+        h_phi_k = h_phi_k / hh - 1.0 / factorial
+    b = torch.tensor(b, dtype=torch.float64)
+    # order 2 predictor and order 1 corrector: the h -> 0 limit 1/2, as in the official code
+    if order == 1:
+        rhos_p = []
+    elif order == 2:
+        rhos_p = [0.5]
+    else:
+        rhos_p = torch.linalg.solve(R[:-1, :-1], b[:-1]).tolist()
+    rhos_c = [0.5] if order == 1 else torch.linalg.solve(R, b).tolist()
+    return rhos_p, rhos_c, b_h
+
+
+@register("unipc", stochastic=False, nfe=lambda steps, final_zero: steps)
+def sample_unipc(
+    denoiser,
+    path: GaussianPath,
+    x: Tensor,
+    grid,
+    *,
+    generator=None,
+    callback=None,
+    order: int = 2,
+    variant: str = "bh2",
+):
+    """UniPC (Zhao et al. 2023): multistep predictor UniP-p plus corrector UniC-p in data prediction.
+
+    Each step predicts ``x_s`` from the denoiser outputs at the last ``p`` points (UniP-p), evaluates
+    the denoiser at the prediction, and corrects ``x_s`` with that new value (UniC-p, one order
+    higher). The evaluation at the *uncorrected* prediction is reused by the next step, so the cost
+    is one evaluation per step; the last step has no corrector (and no evaluation after it).
+    ``variant="bh2"`` takes ``B(h) = e^{h} - 1`` (in ``-h`` for data prediction), ``"bh1"`` ``B(h) = h``.
+    ``order`` p in {1, 2, 3}; lower orders on the first steps, first order on a step onto sigma = 0.
+    With p = 1 the predictor is DDIM.
+    """
+    _check_callback(callback)
+    if order not in (1, 2, 3):
+        raise ValueError(f"UniPC order must be 1, 2 or 3, got {order!r}")
+    if variant not in ("bh1", "bh2"):
+        raise ValueError(f"UniPC variant must be 'bh1' or 'bh2', got {variant!r}")
+    sch = _Schedule(path, grid)
+    denoised = _denoise(denoiser, x, sch.t[0])
+    nfe = 1
+    history: list[tuple[float, Tensor]] = []  # (lambda, D) of earlier points with finite lambda
+    for i in range(sch.steps):
+        lam_t = sch.lam[i]
+        if callback is not None:
+            callback(i, sch.t[i], x, denoised)
+        h = sch.lam[i + 1] - lam_t
+        a_s = sch.alpha[i + 1]
+        x_ddim = (sch.sigma[i + 1] / sch.sigma[i]) * x - (a_s * math.expm1(-h)) * denoised
+        finite = math.isfinite(h)
+        p = min(order, len(history) + 1) if finite else 1
+        if finite:
+            past = history[len(history) - (p - 1) :][::-1]  # newest first
+            rks = [(lam_k - lam_t) / h for lam_k, _ in past]
+            diffs = [(d_k - denoised) / rk for (_, d_k), rk in zip(past, rks)]
+            rhos_p, rhos_c, b_h = _unipc_coefficients(h, rks, p, variant)
+            x_pred = x_ddim
+            if diffs:
+                x_pred = x_ddim - (a_s * b_h) * sum(rho * d for rho, d in zip(rhos_p, diffs))
+        else:
+            x_pred = x_ddim
+        if i == sch.steps - 1:
+            x = x_pred
+            break
+        denoised_next = _denoise(denoiser, x_pred, sch.t[i + 1])
+        nfe += 1
+        if finite:
+            corr = rhos_c[-1] * (denoised_next - denoised)
+            for rho, d in zip(rhos_c[:-1], diffs):
+                corr = corr + rho * d
+            x = x_ddim - (a_s * b_h) * corr
+        else:
+            x = x_pred
+        if math.isfinite(lam_t):
+            history = (history + [(lam_t, denoised)])[-2:]
+        denoised = denoised_next
+    return x, nfe
+
+
+@register("dopri5", stochastic=False, nfe=None)
+def sample_dopri5(
+    denoiser,
+    path: GaussianPath,
+    x: Tensor,
+    grid,
+    *,
+    generator=None,
+    callback=None,
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+):
+    """Adaptive Dormand-Prince 5(4) on the probability-flow ODE (1), via ``torchdiffeq.odeint``.
+
+    Integrates in t (float64 times; the state stays in x's dtype), as score_sde's ODE sampler and
+    SiT do: t covers both ends of every path, including a start at alpha = 0 where lambda and
+    sigma/alpha are infinite. The grid only sets the output times (callback points). dopri5
+    evaluates the right-hand side at the end of each step, so it cannot integrate onto sigma = 0:
+    a grid ending there is integrated up to its last positive-sigma time and finished with the
+    first-order step ``alpha(0) D`` (one more evaluation). ``nfe`` counts every evaluation.
+    Callback gets ``denoised=None`` except on that last step.
+    """
+    from torchdiffeq import odeint
+
+    _check_callback(callback)
+    for name, val in (("rtol", rtol), ("atol", atol)):
+        if not (val > 0 and math.isfinite(val)):
+            raise ValueError(f"{name} must be positive and finite, got {val}")
+    sch = _Schedule(path, grid)
+    lands = sch.sigma[-1] == 0.0
+    n_ode = sch.steps - 1 if lands else sch.steps
+    nfe = 0
+
+    def rhs(t: Tensor, y: Tensor) -> Tensor:
+        nonlocal nfe
+        nfe += 1
+        tt = float(t)
+        return _velocity(path, y, _denoise(denoiser, y, tt), tt)
+
+    states = [x]
+    if n_ode >= 1:
+        times = torch.tensor(sch.t[: n_ode + 1], dtype=torch.float64, device=x.device)
+        # torchdiffeq steps past the last output time and interpolates back, and its initial
+        # step-size guess may also land beyond it: both would evaluate the denoiser outside the
+        # grid (t < 0 on a grid ending at t_min, where paths are undefined). A forced step onto
+        # the last time and a given first step (1% of the span; the controller grows it) avoid both.
+        options = {"step_t": times[-1:].clone(), "first_step": 0.01 * abs(sch.t[n_ode] - sch.t[0])}
+        traj = odeint(rhs, x, times, rtol=rtol, atol=atol, method="dopri5", options=options)
+        states = list(traj.unbind(0))
+    if callback is not None:
+        for i in range(n_ode):
+            callback(i, sch.t[i], states[i], None)
+    x = states[n_ode]
+    if lands:
+        denoised = _denoise(denoiser, x, sch.t[-2])
+        nfe += 1
+        if callback is not None:
+            callback(sch.steps - 1, sch.t[-2], x, denoised)
+        x = sch.alpha[-1] * denoised
     return x, nfe
