@@ -351,7 +351,8 @@ def sample_unipc(
     is one evaluation per step; the last step has no corrector (and no evaluation after it).
     ``variant="bh2"`` takes ``B(h) = e^{h} - 1`` (in ``-h`` for data prediction), ``"bh1"`` ``B(h) = h``.
     ``order`` p in {1, 2, 3}; lower orders on the first steps, first order on a step onto sigma = 0.
-    With p = 1 the predictor is DDIM.
+    With p = 1 the predictor is DDIM. The callback's ``denoised`` at step i > 0 is that evaluation at
+    the uncorrected prediction of ``x_i``, which is what the step uses.
     """
     _check_callback(callback)
     if order not in (1, 2, 3):
