@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from core.guidance import cfg_net
 from core.losses import denoising_loss, flow_matching_loss
 from core.paths import get_path
 from tests.conftest import load_fixture
@@ -105,3 +106,19 @@ def test_sit_network_loss(ref):
             reduction="none",
         )
     torch.testing.assert_close(loss, ref["sit_Linear_loss"], atol=1e-5, rtol=1e-5)
+
+
+def test_batched_guidance_matches_sit_forward_with_cfg(ref):
+    """``sit_out_cfg``: official ``forward_with_cfg`` at scale 4 guides channels 0-2 only (its
+    "exact reproducibility" quirk); there :func:`core.guidance.cfg_net`, which batches ``[y, null]``
+    the same way, must agree. Time passes through the wrapper untouched (SiT's tau here)."""
+    sd = ref["sit_state_dict"]
+
+    def net(x, tau, y):
+        return reference_dit_forward(sd, x, tau, y)[:, :4]
+
+    guided = cfg_net(net, ref["sit_y"], 10, 4.0)
+    out = guided(ref["x1"], ref["t"])
+    assert guided.nfe == 2 and guided.calls == 1
+    want = ref["sit_out_cfg"][:3]
+    torch.testing.assert_close(out[:, :3], want[:, :3], atol=1e-5, rtol=1e-5)
