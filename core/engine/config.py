@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -226,11 +227,15 @@ def _reject_unknown_keys(node: Any, schema: type, prefix: str) -> None:
     # Hydra's `+key=value` opens a structured node for writing; name such keys here.
     if not (isinstance(node, (dict, DictConfig)) and dataclasses.is_dataclass(schema)):
         return
-    known = {f.name: f for f in dataclasses.fields(schema)}
+    known = {f.name for f in dataclasses.fields(schema)}
+    try:
+        hints = typing.get_type_hints(schema)
+    except Exception:  # unresolvable forward references: check this level only
+        hints = {}
     for key in node.keys():
         if key not in known:
             raise ConfigError(f"unknown key '{prefix}.{key}': {schema.__name__} has {sorted(known)}")
-        sub = known[key].type
+        sub = hints.get(key)
         if isinstance(sub, type) and dataclasses.is_dataclass(sub):
             _reject_unknown_keys(node[key], sub, f"{prefix}.{key}")
 

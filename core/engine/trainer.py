@@ -511,14 +511,23 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self.metrics = MetricsWriter(self.out_dir, cfg.tensorboard, resumed)
         from tqdm import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
 
         bar = tqdm(total=cfg.steps, initial=self.step, disable=None if (self.is_main and cfg.progress) else True,
                    dynamic_ncols=True, desc="train", file=sys.stderr)
         batches = self._batches()
+        self.model.train()
+        # Log lines printed above the bar instead of through it.
+        redirect = logging_redirect_tqdm() if not bar.disable else contextlib.nullcontext()
+        with redirect, contextlib.closing(bar):
+            last = self._loop(bar, batches, stop)
+        return {"step": self.step, "checkpoint": self.last_checkpoint, **last}
+
+    def _loop(self, bar: Any, batches: Iterator[Any], stop: int) -> dict[str, Any]:
+        cfg = self.cfg
         window_losses: list[list[float]] = []
         window_start, window_steps = time.perf_counter(), 0
         last: dict[str, Any] = {}
-        self.model.train()
         try:
             while self.step < stop:
                 values, keys, norm, lr = self._train_step(batches)
@@ -543,10 +552,9 @@ class Trainer:
             if self.step >= cfg.steps and cfg.export_ema:
                 self.export()
         finally:
-            bar.close()
             if self.metrics is not None:
                 self.metrics.close()
-        return {"step": self.step, "checkpoint": self.last_checkpoint, **last}
+        return last
 
     def _train_step(self, batches: Iterator[Any]) -> tuple[list[float], list[str], float, float]:
         cfg = self.cfg
