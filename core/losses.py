@@ -93,8 +93,11 @@ DEFAULT_WEIGHTING = {"eps": "eps", "x0": "snr", "v": "v", "score": "eps", "veloc
 
 
 def _positive(name: str, value) -> float:
-    v = float(value)
-    if not (math.isfinite(v) and v > 0):
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = math.nan
+    if isinstance(value, bool) or not (math.isfinite(v) and v > 0):
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
     return v
 
@@ -218,8 +221,8 @@ def lognormal_time(
     ``[t_min, t_max]`` (on EDM's path this clips ``sigma`` to ``[0.002, 80]``, a mass of about 1e-5).
     """
     batch = _check_batch(batch)
-    if not math.isfinite(p_mean):
-        raise ValueError(f"p_mean must be finite, got {p_mean!r}")
+    if not (isinstance(p_mean, (int, float)) and math.isfinite(p_mean)):
+        raise ValueError(f"p_mean must be a finite number, got {p_mean!r}")
     p_std = _positive("p_std", p_std)
     z = torch.randn(batch, generator=generator, dtype=torch.float64, device=device)
     t = path.t_from_sigma(torch.exp(p_mean + p_std * z))
@@ -241,8 +244,8 @@ def logit_normal_time(
     Mapped affinely onto ``[t_min, t_max]`` (the identity on the linear path, whose range is [0, 1]).
     """
     batch = _check_batch(batch)
-    if not math.isfinite(m):
-        raise ValueError(f"m must be finite, got {m!r}")
+    if not (isinstance(m, (int, float)) and math.isfinite(m)):
+        raise ValueError(f"m must be a finite number, got {m!r}")
     s = _positive("s", s)
     u = torch.sigmoid(m + s * torch.randn(batch, generator=generator, dtype=torch.float64, device=device))
     return (path.t_min + (path.t_max - path.t_min) * u).to(dtype)
@@ -267,7 +270,9 @@ def get_time_sampler(name: str, **params) -> Callable[..., Tensor]:
     if unknown:
         raise ValueError(f"time sampler {name!r} takes {sorted(_TIME_PARAMS[name])}, got {sorted(unknown)}")
     fn = TIME_SAMPLERS[name]
-    fn(LinearPath(), 1, **params)  # a dry run validates the parameters now, not at the first step
+    # A dry run validates the parameters now rather than at the first training step; its private
+    # generator leaves the global random state alone.
+    fn(LinearPath(), 1, torch.Generator().manual_seed(0), **params)
 
     def sampler(path, batch, generator=None, device=None, dtype=torch.float64):
         return fn(path, batch, generator, device, dtype, **params)

@@ -316,6 +316,12 @@ def test_reproducible_with_generator():
         assert torch.equal(a, b) and not torch.equal(a, c)
     a.backward()
     assert net.weight.grad is not None and bool(torch.isfinite(net.weight.grad).all())
+    # with a generator, the global random state is left alone
+    torch.manual_seed(7)
+    want = torch.rand(3)
+    torch.manual_seed(7)
+    denoising_loss(model, x0, path, time_sampler="lognormal", generator=torch.Generator().manual_seed(5))
+    assert torch.equal(torch.rand(3), want)
 
 
 def test_explicit_t_and_noise_override_the_draws():
