@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .paths import GaussianPath
 
-__all__ = ["karras_grid", "uniform_t_grid", "logsnr_grid", "make_grid", "validate_grid", "GRIDS", "sigma_range"]
+__all__ = ["lands_on_data", "karras_grid", "uniform_t_grid", "logsnr_grid", "make_grid", "validate_grid", "GRIDS", "sigma_range"]
 
 DEFAULT_SIGMA_MAX = 80.0  # EDM's sigma_max, used where the path reaches pure noise (sigma/alpha = inf)
 DEFAULT_SIGMA_MIN = 0.002  # EDM's sigma_min, used where the path reaches clean data (sigma/alpha = 0)
@@ -69,7 +69,7 @@ def sigma_range(path: GaussianPath, sigma_min: float | None = None, sigma_max: f
     return float(sigma_min), float(sigma_max)
 
 
-def _lands_on_data(path: GaussianPath, final_zero: bool) -> bool:
+def lands_on_data(path: GaussianPath, final_zero: bool) -> bool:
     """``final_zero`` applies only where the path reaches clean data (sigma(0) = 0); VE stops at sigma_min."""
     return final_zero and float(path.sigma(torch.tensor(0.0, dtype=torch.float64))) == 0.0
 
@@ -93,7 +93,7 @@ def karras_grid(
     steps = _check_steps(steps)
     if not rho > 0:
         raise ValueError(f"rho must be positive, got {rho}")
-    final_zero = _lands_on_data(path, final_zero)
+    final_zero = lands_on_data(path, final_zero)
     s_min, s_max = sigma_range(path, sigma_min, sigma_max)
     n = steps if final_zero else steps + 1
     if n == 1:
@@ -109,7 +109,7 @@ def uniform_t_grid(
 ) -> Tensor:
     """``steps`` equal steps in t from ``t_start`` (default ``t_max``) to ``t_end`` (default ``t_min``)."""
     steps = _check_steps(steps)
-    final_zero = _lands_on_data(path, final_zero)
+    final_zero = lands_on_data(path, final_zero)
     t0 = path.t_max if t_start is None else float(t_start)
     t1 = path.t_min if t_end is None else float(t_end)
     n = steps if final_zero else steps + 1
@@ -127,7 +127,7 @@ def logsnr_grid(
 ) -> Tensor:
     """Equal steps in ``logSNR = -2 log sigma_hat`` between the ends of :func:`sigma_range`."""
     steps = _check_steps(steps)
-    final_zero = _lands_on_data(path, final_zero)
+    final_zero = lands_on_data(path, final_zero)
     s_min, s_max = sigma_range(path, sigma_min, sigma_max)
     n = steps if final_zero else steps + 1
     if n == 1:

@@ -32,6 +32,12 @@ def _check_kind(kind: str) -> None:
         raise ValueError(f"unknown prediction type {kind!r}; choose one of {PREDICTIONS}")
 
 
+def _coef_time(t, x: Tensor) -> Tensor:
+    """Times in float64 for computing path coefficients (cast to x's dtype by ``path.expand``)."""
+    t = torch.as_tensor(t, device=x.device)
+    return t.to(torch.float64) if x.device.type != "mps" else t.to(x.dtype)
+
+
 def per_sample_t(t, x: Tensor) -> Tensor:
     """Return ``t`` as a ``(B,)`` tensor of x's dtype and device (a float or 0-d tensor is broadcast)."""
     t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
@@ -43,7 +49,7 @@ def per_sample_t(t, x: Tensor) -> Tensor:
 def to_x0_eps(pred: Tensor, kind: str, x_t: Tensor, t, path: GaussianPath) -> tuple[Tensor, Tensor]:
     """Recover ``(x0, eps)`` from a prediction of type ``kind`` at ``(x_t, t)``; ``t`` is ``(B,)`` or scalar."""
     _check_kind(kind)
-    t = torch.as_tensor(t, dtype=x_t.dtype, device=x_t.device)
+    t = _coef_time(t, x_t)
     a, s = path.expand(path.alpha(t), x_t), path.expand(path.sigma(t), x_t)
     if kind == "x0":
         return pred, (x_t - a * pred) / s
@@ -62,7 +68,7 @@ def to_x0_eps(pred: Tensor, kind: str, x_t: Tensor, t, path: GaussianPath) -> tu
 def from_x0_eps(x0: Tensor, eps: Tensor, kind: str, x_t: Tensor, t, path: GaussianPath) -> Tensor:
     """Express ``(x0, eps)`` as a prediction of type ``kind``."""
     _check_kind(kind)
-    t = torch.as_tensor(t, dtype=x_t.dtype, device=x_t.device)
+    t = _coef_time(t, x_t)
     if kind == "x0":
         return x0
     if kind == "eps":

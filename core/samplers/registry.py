@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..grids import make_grid, validate_grid
+from ..grids import lands_on_data, make_grid, validate_grid
 from ..paths import GaussianPath
 
 __all__ = ["SamplerSpec", "SAMPLERS", "register", "resolve_grid", "sample", "steps_for_nfe"]
@@ -106,7 +106,9 @@ def sample(
     if grid is None:
         if nfe is None:
             raise ValueError("give a grid, a number of steps or an NFE budget")
-        grid = make_grid(kind, path, steps_for_nfe(name, nfe, final_zero=True), **({"final_zero": True}))
+        # A grid ends at t = 0 only on paths that reach clean data there (not VE): cost it that way.
+        final_zero = lands_on_data(path, True)
+        grid = make_grid(kind, path, steps_for_nfe(name, nfe, final_zero=final_zero), final_zero=final_zero)
     elif nfe is not None:
         raise ValueError("give either a grid or an NFE budget, not both")
     else:
