@@ -272,5 +272,10 @@ def test_config_validation():
         TransformerConfig(dim=D, num_heads=H, long_skip=True, mask_ratio=0.5)
     with pytest.raises(ValueError, match="qk_norm"):
         TransformerConfig(dim=D, num_heads=H, qk_norm="l2")
+    net, (x, c) = _net(), _inputs()
+    with pytest.raises(ValueError, match="context_dim"):
+        net(x, c, context=torch.randn(2, 3, D))
+    with pytest.raises(TypeError, match="padding_mask"):
+        net(x, c, padding_mask=torch.ones(2, 6))
     with pytest.raises(ValueError, match="rope_axes"):
         TransformerConfig(dim=40, num_heads=4, rope_axes=3)  # head_dim 10 is not divisible by 6

@@ -125,7 +125,9 @@ class Attention(nn.Module):
     def forward(self, x, rope=None, attn_mask=None, is_causal=False):
         """x (B, N, D); rope: (cos, sin) from ``RotaryEmbedding``; attn_mask (B, 1, N, N) bool."""
         B, N, D = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        # unbind on the (B, N, 3, H, hd) view: in backward the three gradients are stacked
+        # straight into the qkv layout (one copy, where permute-then-unbind needs two).
+        q, k, v = (t.transpose(1, 2) for t in self.qkv(x).view(B, N, 3, self.num_heads, -1).unbind(2))
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
@@ -150,7 +152,7 @@ class CrossAttention(nn.Module):
         B, N, D = x.shape
         H, hd = self.num_heads, D // self.num_heads
         q = self.q_norm(self.q(x).view(B, N, H, hd).transpose(1, 2))
-        k, v = self.kv(context).view(B, context.shape[1], 2, H, hd).permute(2, 0, 3, 1, 4)
+        k, v = (t.transpose(1, 2) for t in self.kv(context).view(B, context.shape[1], 2, H, hd).unbind(2))
         k = self.k_norm(k)
         mask = None
         if context_mask is not None:
@@ -182,19 +184,20 @@ class DiTBlock(nn.Module):
         D = cfg.dim
         self.eps = cfg.norm_eps
         self.attn = Attention(D, cfg.num_heads, cfg.qkv_bias, cfg.qk_norm)
-        if cfg.context_dim:
-            self.norm_cross = nn.LayerNorm(D, eps=cfg.norm_eps)
-            self.cross_attn = CrossAttention(D, cfg.context_dim, cfg.num_heads, cfg.qkv_bias, cfg.qk_norm)
+        cross = cfg.context_dim > 0
+        self.norm_cross = nn.LayerNorm(D, eps=cfg.norm_eps) if cross else None
+        self.cross_attn = CrossAttention(D, cfg.context_dim, cfg.num_heads, cfg.qkv_bias, cfg.qk_norm) if cross else None
         self.mlp = Mlp(D, int(D * cfg.mlp_ratio))
         # chunks: shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp
         self.modulation = nn.Linear(D, 6 * D)
 
     def forward(self, x, c, rope=None, attn_mask=None, is_causal=False, context=None, context_mask=None):
+        # torch.addcmul(a, b, c) = a + b * c in one pass; it carries the gates and modulate().
         D = x.shape[-1]
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(c)[:, None].chunk(6, -1)
         h = modulate(F.layer_norm(x, (D,), eps=self.eps), shift_msa, scale_msa)
         x = torch.addcmul(x, gate_msa, self.attn(h, rope, attn_mask, is_causal))
-        if context is not None and hasattr(self, "cross_attn"):
+        if context is not None:
             x = x + self.cross_attn(self.norm_cross(x), context, context_mask)
         h = modulate(F.layer_norm(x, (D,), eps=self.eps), shift_mlp, scale_mlp)
         return torch.addcmul(x, gate_mlp, self.mlp(h))
@@ -275,7 +278,7 @@ class TokenTransformer(nn.Module):
         for block in self.blocks:
             nn.init.zeros_(block.modulation.weight)
             nn.init.zeros_(block.modulation.bias)
-            if hasattr(block, "cross_attn"):
+            if block.cross_attn is not None:
                 nn.init.zeros_(block.cross_attn.proj.weight)
                 nn.init.zeros_(block.cross_attn.proj.bias)
         if self.mask_token is not None:
@@ -357,6 +360,13 @@ class TokenTransformer(nn.Module):
             rope = self.rope(positions.to(x.device))
         if keep_idx is not None and self.mask_token is None:
             raise ValueError("keep_idx given but TransformerConfig.mask_ratio == 0")
+        if context is not None and not cfg.context_dim:
+            raise ValueError("context given but TransformerConfig.context_dim == 0 (no cross-attention)")
+        if context_mask is not None and context is None:
+            raise ValueError("context_mask given without context")
+        for name, mask in (("padding_mask", padding_mask), ("context_mask", context_mask)):
+            if mask is not None and mask.dtype != torch.bool:
+                raise TypeError(f"{name} must be a bool tensor (True = real token), got {mask.dtype}")
         c = F.silu(c)  # every adaLN modulation starts with SiLU(c): compute it once
         route = self.training and cfg.route_ratio > 0
         checkpointed = cfg.grad_checkpointing and self.training and torch.is_grad_enabled()
