@@ -191,11 +191,15 @@ class Component:
         if self.noise not in NOISE_KINDS:
             raise ValueError(f"component {self.name!r}: unknown noise {self.noise!r}; choose one of {NOISE_KINDS}")
         if self.prediction not in PREDICTIONS:
-            raise ValueError(f"component {self.name!r}: unknown prediction {self.prediction!r}; choose one of {PREDICTIONS}")
+            raise ValueError(
+                f"component {self.name!r}: unknown prediction {self.prediction!r}; choose one of {PREDICTIONS}"
+            )
         if not isinstance(self.path, GaussianPath):
             raise TypeError(f"component {self.name!r}: path must be a GaussianPath, got {type(self.path).__name__}")
         if self.prior_std is not None and not (math.isfinite(self.prior_std) and self.prior_std > 0):
-            raise ValueError(f"component {self.name!r}: prior_std must be a positive finite number, got {self.prior_std}")
+            raise ValueError(
+                f"component {self.name!r}: prior_std must be a positive finite number, got {self.prior_std}"
+            )
 
     def mask(self, x: Tensor, mask: Tensor | None) -> Tensor:
         return mask_pairs(x, mask) if self.noise == "symmetric" else mask_nodes(x, mask)
@@ -272,7 +276,9 @@ class GaussianSystem:
             tv = _tvec(t, x)
             pred = models[k](state, tv, mask)
             if pred.shape != x.shape:
-                raise ValueError(f"model for component {c.name!r} returned shape {tuple(pred.shape)}, expected {tuple(x.shape)}")
+                raise ValueError(
+                    f"model for component {c.name!r} returned shape {tuple(pred.shape)}, expected {tuple(x.shape)}"
+                )
             out[k] = convert(pred, c.prediction, "score", x, _t64(t, x), c.path)
         return out
 
@@ -504,8 +510,10 @@ def langevin_step(
 def _check_options(snr, scale_eps, last_step, discrete_steps) -> None:
     if isinstance(snr, bool) or not isinstance(snr, (int, float)) or not (math.isfinite(snr) and snr > 0):
         raise ValueError(f"snr must be a finite number > 0, got {snr!r}")
-    if isinstance(scale_eps, bool) or not isinstance(scale_eps, (int, float)) or not (
-        math.isfinite(scale_eps) and scale_eps >= 0
+    if (
+        isinstance(scale_eps, bool)
+        or not isinstance(scale_eps, (int, float))
+        or not (math.isfinite(scale_eps) and scale_eps >= 0)
     ):
         raise ValueError(f"scale_eps must be a finite number >= 0, got {scale_eps!r}")
     if last_step not in LAST_STEPS:
@@ -530,7 +538,9 @@ def _resolve(system: GaussianSystem, grid, discrete_steps, need_alpha: bool = Fa
         if not bool((c.path.sigma(starts) > 0).all()):
             raise ValueError(f"component {c.name!r}: every step must start where sigma(t) > 0, got grid {g.tolist()}")
         if need_alpha and not bool((c.path.alpha(starts) > 0).all()):
-            raise ValueError(f"component {c.name!r}: this sampler needs alpha(t) > 0 where a step starts, got grid {g.tolist()}")
+            raise ValueError(
+                f"component {c.name!r}: this sampler needs alpha(t) > 0 where a step starts, got grid {g.tolist()}"
+            )
     return g
 
 
@@ -546,6 +556,16 @@ def _step(system, t: Tensor, s: Tensor, discrete_steps):
             out.append((a, var, langevin_alpha(c.path, t, discrete_steps)))
     h = (t - s) if discrete_steps is None else torch.tensor(1.0 / discrete_steps, dtype=torch.float64)
     return out, h
+
+
+def _onto_data(c: Component, s: Tensor, discrete_steps) -> bool:
+    return discrete_steps is None and float(c.path.sigma(s)) == 0.0
+
+
+def _data_limit(c: Component, x: Tensor, score: Tensor, t: Tensor, s: Tensor) -> Tensor:
+    """A step onto sigma(s) = 0 returns its limit ``alpha(s) D``, D the posterior mean at t (as the core
+    samplers do): the reverse SDE ends at a draw of ``p(x0 | x_t)``, whose mean is D."""
+    return _coef(c.path.alpha(s), x) * convert(score, "score", "x0", x, t, c.path)
 
 
 def system_pc(
@@ -583,7 +603,8 @@ def system_pc(
 
     ``discrete_steps=None`` (default) takes the kernel and step length from the grid (``a = alpha_t /
     alpha_s``, ``var = sigma_{t|s}^2``, ``h = t - s``, Langevin ``alpha = a^2``, as
-    :func:`core.samplers.sde.pc`). ``discrete_steps=n`` reproduces score_sde / GDSS: the DDPM / SMLD
+    :func:`core.samplers.sde.pc`); a predictor step onto ``sigma = 0`` (a grid ending at t = 0) returns
+    its limit ``alpha(0) D``, the posterior mean, without noise, as the core samplers do. ``discrete_steps=n`` reproduces score_sde / GDSS: the DDPM / SMLD
     tables of :func:`discrete_kernel` and :func:`langevin_alpha` at ``floor(t (n - 1))``, and
     ``h = 1 / n`` for Euler-Maruyama, on the times of :func:`discrete_grid`.
 
@@ -644,6 +665,10 @@ def system_pc(
         new, new_means = [], []
         for k, c in enumerate(system):
             x, score = state[k], scores[k]
+            if _onto_data(c, s, discrete_steps):
+                new_means.append(_data_limit(c, x, score, t, s))
+                new.append(new_means[-1])
+                continue
             if predictor == "reverse_diffusion":
                 a, var, _ = coefs[k]
                 mean = _coef(2.0 - a, x) * x + _coef(half * var, x) * score
@@ -685,7 +710,9 @@ def system_s4(
        ``x <- transition(x, t - h/2, s) + noise``; the step's mean is the last transition's mean.
 
     Grid, ``discrete_steps`` (table Langevin factor, ``h = 1 / n``), ``noise``, ``mask`` and ``last_step``
-    as in :func:`system_pc`. Draw order per step: Langevin noise of every component, then the first
+    as in :func:`system_pc`. With ``discrete_steps`` a step never passes t = 0 (``h = min(1/n, t)``;
+    GDSS's last step overshoots to ``eps - 1/n``, where sigma is undefined for VP). On a grid, a
+    component whose step lands on sigma = 0 returns ``alpha(0) D`` from the step's score instead. Draw order per step: Langevin noise of every component, then the first
     transition's, then the second's (GDSS's order). Returns the state and the NFE (one per step).
     """
     _check_models(models, system)
@@ -709,17 +736,26 @@ def system_s4(
             callback(i, float(t), state)
         scores = system.scores(models, state, t, mask)
         nfe += 1
-        xs = [langevin_step(state[k], scores[k], draw(k, state[k]), coefs[k][2], snr, scale_eps)[0] for k in range(n)]
+        # Components whose step lands on data (sigma(s) = 0) take the step's limit; the others split.
+        done = {
+            k: _data_limit(system[k], state[k], scores[k], t, s)
+            for k in range(n)
+            if _onto_data(system[k], s, discrete_steps)
+        }
+        todo = [k for k in range(n) if k not in done]
+        xs = dict(done)
+        for k in todo:
+            xs[k] = langevin_step(state[k], scores[k], draw(k, state[k]), coefs[k][2], snr, scale_eps)[0]
         mid = t - h / 2
-        for k in range(n):
+        for k in todo:
             mu, std = transition(system[k].path, xs[k], t, mid)
             xs[k] = mu + _coef(std, mu) * draw(k, mu)
-        for k in range(n):
+        for k in todo:
             xs[k] = xs[k] + _coef(h * system[k].path.g2(t), xs[k]) * scores[k]
-        new, new_means = [], []
-        for k in range(n):
+        new, new_means = dict(done), dict(done)
+        for k in todo:
             mu, std = transition(system[k].path, xs[k], mid, t - h)
-            new_means.append(mu)
-            new.append(mu + _coef(std, mu) * draw(k, mu))
-        state, means = tuple(new), tuple(new_means)
+            new_means[k] = mu
+            new[k] = mu + _coef(std, mu) * draw(k, mu)
+        state, means = tuple(new[k] for k in range(n)), tuple(new_means[k] for k in range(n))
     return (means if last_step == "mean" else state), nfe

@@ -90,12 +90,20 @@ def gdss_sample(
         raise ValueError(f"unknown solver {solver!r}; choose 'pc' or 's4'")
     b, n = flags.shape
     with torch.no_grad():
-        state = system.prior_sample([(b, n, n_feat), (b, n, n)], flags, generator, dtype=flags.dtype, device=flags.device)
+        state = system.prior_sample(
+            [(b, n, n_feat), (b, n, n)], flags, generator, dtype=flags.dtype, device=flags.device
+        )
         fn = system_pc if solver == "pc" else system_s4
         grid = discrete_grid(steps, eps)
         (x, adj), nfe = fn(
-            gdss_models(model_x, model_adj), system, state, grid, mask=flags, generator=generator,
-            discrete_steps=steps, **options,
+            gdss_models(model_x, model_adj),
+            system,
+            state,
+            grid,
+            mask=flags,
+            generator=generator,
+            discrete_steps=steps,
+            **options,
         )
     return mask_x(x, flags), mask_adjs(adj, flags), nfe
 

@@ -167,7 +167,8 @@ class AttentionLayer(nn.Module):
     ):
         super().__init__()
         self.attn = nn.ModuleList(
-            Attention(conv_input_dim, attn_dim, conv_output_dim, num_heads=num_heads, conv=conv) for _ in range(input_dim)
+            Attention(conv_input_dim, attn_dim, conv_output_dim, num_heads=num_heads, conv=conv)
+            for _ in range(input_dim)
         )
         self.hidden_dim = 2 * max(input_dim, output_dim)
         self.mlp = MLP(num_linears, 2 * input_dim, self.hidden_dim, output_dim, activate_func=F.elu)

@@ -54,7 +54,9 @@ def _attention_stack(num_layers, num_linears, feat_in, nhid, adim, c_init, c_hid
         c_in = c_init if i == 0 else c_hid
         c_out = c_final if i == num_layers - 1 else c_hid
         layers.append(
-            AttentionLayer(num_linears, feat_in if i == 0 else nhid, nhid if i == 0 else adim, nhid, c_in, c_out, num_heads, conv)
+            AttentionLayer(
+                num_linears, feat_in if i == 0 else nhid, nhid if i == 0 else adim, nhid, c_in, c_out, num_heads, conv
+            )
         )
     return layers
 
@@ -77,7 +79,9 @@ class ScoreNetworkX_GMH(nn.Module):
     ):
         super().__init__()
         self.depth, self.c_init = depth, c_init
-        self.layers = _attention_stack(depth, num_linears, max_feat_num, nhid, adim, c_init, c_hid, c_final, num_heads, conv)
+        self.layers = _attention_stack(
+            depth, num_linears, max_feat_num, nhid, adim, c_init, c_hid, c_final, num_heads, conv
+        )
         fdim = max_feat_num + depth * nhid
         self.final = MLP(3, fdim, 2 * fdim, max_feat_num, activate_func=F.elu)
 

@@ -76,7 +76,9 @@ def init_features(init: str, adjs: Tensor, nfeat: int = 10) -> Tensor:
     elif init == "deg":
         deg = adjs.sum(dim=-1).to(torch.long)
         if int(deg.max()) >= nfeat:
-            raise ValueError(f"a node has degree {int(deg.max())}, which needs nfeat > {int(deg.max())}, got nfeat={nfeat}")
+            raise ValueError(
+                f"a node has degree {int(deg.max())}, which needs nfeat > {int(deg.max())}, got nfeat={nfeat}"
+            )
         feature = F.one_hot(deg, num_classes=nfeat).to(torch.float32)
     else:
         raise ValueError(f"unknown feature init {init!r}; choose 'zeros', 'ones' or 'deg'")
