@@ -2,14 +2,14 @@
 
 GDSS (Jo et al. 2022, "Score-based Generative Modeling of Graphs via the System of Stochastic
 Differential Equations", seed 184) diffuses node features ``X`` and adjacency ``A`` with one forward
-SDE each (their eq. 2-3),
+SDE each,
 
     dX = f_X(t) X dt + g_X(t) dW_X,        dA = f_A(t) A dt + g_A(t) dW_A,      t in [0, 1],
 
-sharing the time ``t`` but not the noise, and generates by solving the *system* of reverse SDEs
-(their eq. 4), where each component's drift needs the score of the *joint* density with respect to
-that component, ``grad_X log p_t(X, A)`` and ``grad_A log p_t(X, A)``: one network per component, each
-seeing the whole state.
+sharing the time ``t`` but not the noise, and generates by solving the *system* of reverse-time
+SDEs, where each component's drift needs the score of the *joint* density with respect to that
+component (a "partial score"), ``grad_X log p_t(X, A)`` and ``grad_A log p_t(X, A)``: one network per
+component, each seeing the whole state.
 
 Here a system is a tuple of :class:`Component`\\ s, each a :class:`core.paths.GaussianPath` (GDSS's
 VP SDE with ``beta_min, beta_max`` is :class:`core.paths.VPPath`, its VE SDE :class:`core.paths.VEPath`,
@@ -33,10 +33,10 @@ Contents:
 - score_sde / GDSS discretisations of a path over ``N`` steps: :func:`discrete_betas`,
   :func:`discrete_sigmas`, :func:`discrete_index`, :func:`discrete_kernel`, :func:`langevin_alpha`;
   the S4 kernel :func:`transition`; the sampling times :func:`discrete_grid`;
-- :func:`system_loss`: GDSS's denoising score matching for every component (their eq. 7-8);
+- :func:`system_loss`: GDSS's denoising score matching of every partial score;
 - :func:`system_pc`: the predictor-corrector sampler of a system (reverse-diffusion or Euler-Maruyama
   predictor, Langevin corrector; GDSS ``get_pc_sampler``);
-- :func:`system_s4`: GDSS's Symmetric Splitting for System of SDEs (S4, their Algorithm 1).
+- :func:`system_s4`: GDSS's Symmetric Splitting for System of SDEs (S4).
 
 Samplers follow the registry's shape, ``fn(models, system, state, grid, *, generator=None,
 **options) -> (state, nfe)``, take every draw from ``generator`` (or from ``noise``, a replayable
@@ -213,7 +213,7 @@ class Component:
 
 
 class GaussianSystem:
-    """A tuple of :class:`Component`\\ s sharing the diffusion time (GDSS eq. 3)."""
+    """A tuple of :class:`Component`\\ s sharing the diffusion time (GDSS's system of SDEs)."""
 
     def __init__(self, components: Sequence[Component]):
         components = tuple(components)
@@ -428,7 +428,7 @@ def system_loss(
     reduce_mean: bool = False,
     likelihood_weighting: bool = False,
 ) -> tuple[Tensor, ...]:
-    """GDSS's denoising score matching for a system (Jo et al. 2022, eq. 7-8; GDSS ``get_sde_loss_fn``).
+    """GDSS's denoising score matching for a system (Jo et al. 2022, seed 184; GDSS ``get_sde_loss_fn``).
 
     One time ``t ~ U[eps, 1]`` per sample, shared by all components; each component is perturbed
     ``x_t^k = mask(alpha_k(t) x0^k + sigma_k(t) z^k)`` with its own noise ``z^k``, and model ``k``, seeing
@@ -598,15 +598,17 @@ def system_pc(
 
        - ``"reverse_diffusion"`` (score_sde ``ReverseDiffusionPredictor``, Song et al. eq. 46-47):
          ``x_s = (2 - a) x + var * score + sqrt(var) z``;
-       - ``"euler_maruyama"``: ``x_s = x - h (f x - g^2 score) + g sqrt(h) z`` (reverse SDE, their eq. 6);
+       - ``"euler_maruyama"``: ``x_s = x - h (f x - g^2 score) + g sqrt(h) z`` (the reverse SDE of
+         Song et al. 2021);
        - ``probability_flow=True`` halves the score term and drops the noise (the PF-ODE).
 
     ``discrete_steps=None`` (default) takes the kernel and step length from the grid (``a = alpha_t /
     alpha_s``, ``var = sigma_{t|s}^2``, ``h = t - s``, Langevin ``alpha = a^2``, as
     :func:`core.samplers.sde.pc`); a predictor step onto ``sigma = 0`` (a grid ending at t = 0) returns
-    its limit ``alpha(0) D``, the posterior mean, without noise, as the core samplers do. ``discrete_steps=n`` reproduces score_sde / GDSS: the DDPM / SMLD
-    tables of :func:`discrete_kernel` and :func:`langevin_alpha` at ``floor(t (n - 1))``, and
-    ``h = 1 / n`` for Euler-Maruyama, on the times of :func:`discrete_grid`.
+    its limit ``alpha(0) D``, the posterior mean, without noise, as the core samplers do.
+    ``discrete_steps=n`` reproduces score_sde / GDSS: the DDPM / SMLD tables of :func:`discrete_kernel`
+    and :func:`langevin_alpha` at ``floor(t (n - 1))``, and ``h = 1 / n`` for Euler-Maruyama, on the
+    times of :func:`discrete_grid`.
 
     Every noise is drawn, in GDSS's order (corrector x, corrector adj, predictor x, predictor adj),
     also the last step's, so a seeded run follows the official random stream.
@@ -699,7 +701,7 @@ def system_s4(
     last_step: str = "mean",
     callback=None,
 ) -> tuple[State, int]:
-    """Symmetric Splitting for System of SDEs, S4 (Jo et al. 2022, sec. 3.3 and Algorithm 1; GDSS ``S4_solver``).
+    """Symmetric Splitting for System of SDEs, S4 (Jo et al. 2022, seed 184; GDSS ``S4_solver``).
 
     One score evaluation per step. From ``t`` to ``s = t - h``, with the scores ``s_k`` of the state at ``t``:
 
@@ -712,8 +714,9 @@ def system_s4(
     Grid, ``discrete_steps`` (table Langevin factor, ``h = 1 / n``), ``noise``, ``mask`` and ``last_step``
     as in :func:`system_pc`. With ``discrete_steps`` a step never passes t = 0 (``h = min(1/n, t)``;
     GDSS's last step overshoots to ``eps - 1/n``, where sigma is undefined for VP). On a grid, a
-    component whose step lands on sigma = 0 returns ``alpha(0) D`` from the step's score instead. Draw order per step: Langevin noise of every component, then the first
-    transition's, then the second's (GDSS's order). Returns the state and the NFE (one per step).
+    component whose step lands on sigma = 0 returns ``alpha(0) D`` from the step's score instead.
+    Draw order per step: Langevin noise of every component, then the first transition's, then the
+    second's (GDSS's order). Returns the state and the NFE (one per step).
     """
     _check_models(models, system)
     state = system.check_state(state)

@@ -1,4 +1,4 @@
-"""Layers of GDSS's score networks (Jo et al. 2022, seed 184, sec. 3.2 and appendix C).
+"""Layers of GDSS's score networks (Jo et al. 2022, seed 184).
 
 - :class:`DenseGCNConv`: a graph convolution on dense adjacency (Kipf & Welling 2017),
   ``D^-1/2 (A + I) D^-1/2 X W + b``, as ``torch_geometric``'s ``DenseGCNConv``;
@@ -109,7 +109,7 @@ class MLP(nn.Module):
 
 
 class Attention(nn.Module):
-    """Graph multi-head attention over one adjacency channel (GDSS eq. 10; Baek et al. 2021).
+    """Graph multi-head attention over one adjacency channel (GMH of Baek et al. 2021, as GDSS uses it).
 
     ``Q = GNN_q(X, A)``, ``K = GNN_k(X, A)``, ``V = GNN_v(X, A)``; per head ``h`` (``attn_dim / num_heads``
     columns of Q and K) ``S_h = tanh(Q_h K_h^T / sqrt(out_dim))``; the returned map is the head average,
@@ -146,7 +146,7 @@ class Attention(nn.Module):
 
 
 class AttentionLayer(nn.Module):
-    """One layer of ScoreNetworkA (GDSS eq. 10-11): ``input_dim`` adjacency channels in, ``output_dim`` out.
+    """One layer of ScoreNetworkA: ``input_dim`` adjacency channels in, ``output_dim`` out.
 
     Channel ``c`` runs a GMH on ``adj[:, c]``; the values of all channels, concatenated, pass through
     ``multi_channel`` (an MLP) and tanh to the new node features; the attention maps, concatenated with

@@ -1,12 +1,12 @@
-"""GDSS's score networks (Jo et al. 2022, seed 184, sec. 3.2): one for node features, one for adjacency.
+"""GDSS's score networks (Jo et al. 2022, seed 184): one for node features, one for adjacency.
 
 Both see the noisy graph ``(X, A)`` and the node flags and no time (GDSS's networks are not
 time-conditioned: the VP score is ``-out / sigma(t)``, see :mod:`graph.gdss`).
 
-- :class:`ScoreNetworkX` (eq. 9): ``depth`` GCN layers over ``A`` with tanh, the input and every layer's
+- :class:`ScoreNetworkX`: ``depth`` GCN layers over ``A`` with tanh, the input and every layer's
   features concatenated and mapped by a 3-layer MLP back to ``F`` features.
 - :class:`ScoreNetworkX_GMH`: the same read-out over GMH attention layers (used for ZINC250k).
-- :class:`ScoreNetworkA` (eq. 10-11): the adjacency powers ``A, ..., A^c_init`` as channels, then
+- :class:`ScoreNetworkA`: the adjacency powers ``A, ..., A^c_init`` as channels, then
   ``num_layers`` :class:`~graph.layers.AttentionLayer`\\ s; every layer's channels, concatenated per node
   pair, are mapped by a 3-layer MLP to one score per pair; the diagonal and padded nodes are zeroed.
 

@@ -136,7 +136,10 @@ def quantize(adjs: Tensor, thr: float = 0.5) -> Tensor:
 
 
 def quantize_mol(adjs: Tensor) -> Tensor:
-    """Bond orders of generated molecules as int64: ``[0.5, 1.5) -> 1``, ``[1.5, 2.5) -> 2``, ``>= 2.5 -> 3``, else 0."""
+    """Bond orders of generated molecules as int64.
+
+    ``[0.5, 1.5) -> 1``, ``[1.5, 2.5) -> 2``, ``>= 2.5 -> 3``, anything below 0.5 -> 0 (GDSS ``quantize_mol``).
+    """
     adjs = torch.as_tensor(adjs)
     out = torch.zeros(adjs.shape, dtype=torch.int64, device=adjs.device)
     for order, lo in ((1, 0.5), (2, 1.5), (3, 2.5)):
