@@ -461,6 +461,8 @@ def system_loss(
     if t is None:
         t = torch.rand(b, generator=generator, dtype=ref.dtype, device=ref.device) * (1.0 - eps) + eps
     t64 = torch.as_tensor(t, dtype=torch.float64, device=ref.device)
+    if t64.ndim == 0:
+        t64 = t64.expand(b)
     if t64.shape != (b,):
         raise ValueError(f"t must have shape ({b},), got {tuple(t64.shape)}")
     if not bool(torch.isfinite(t64).all()) or bool((t64 <= 0).any()) or bool((t64 > 1).any()):

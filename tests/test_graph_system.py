@@ -30,6 +30,7 @@ from core.system import (
     discrete_kernel,
     iid_noise,
     langevin_alpha,
+    langevin_step,
     mask_pairs,
     replay_noise,
     symmetric_noise,
@@ -341,6 +342,33 @@ def test_one_component_system_equals_core_samplers():
             )
             (out,), _ = system_pc(models, system, (x0,), grid, generator=torch.Generator().manual_seed(3), **opts)
             torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_corrector_holds_the_other_components_fixed():
+    """n_corrector Langevin steps per component, each seeing the others as they were before the corrector."""
+    g = torch.Generator().manual_seed(8)
+    b = 5
+    state = start(b, 0.5, g)
+    mask = MASK3.expand(b, 3)
+    models = gaussian_models()
+    grid = torch.tensor([0.5, 0.45], dtype=F64)
+    zs = [[SYSTEM[k].draw(state[k], mask, g) for _ in range(3)] for k in range(2)]
+    (x, a), nfe = system_pc(
+        models, SYSTEM, state, grid, mask=mask, noise=replay_noise(*zs), predictor="none", n_corrector=2, snr=0.2
+    )
+    assert nfe == 2
+    t = grid[0]
+    alpha = (PATH_X.alpha(t) / PATH_X.alpha(grid[1])) ** 2, (PATH_A.alpha(t) / PATH_A.alpha(grid[1])) ** 2
+    expected = []
+    for k in range(2):
+        local = list(state)
+        for j in range(2):
+            score = SYSTEM.scores(models, tuple(local), t, mask, which=[k])[k]
+            x_new, mean = langevin_step(local[k], score, zs[k][j], alpha[k], 0.2)
+            local[k] = x_new if j == 0 else mean  # last_step="mean" returns the last step's mean
+        expected.append(local[k])
+    torch.testing.assert_close(x, expected[0])
+    torch.testing.assert_close(a, expected[1])
 
 
 # ------------------------------------------------------------------------------------------ loss
