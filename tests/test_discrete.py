@@ -265,7 +265,7 @@ def test_score_entropy_nonnegative_and_zero_at_exact_ratios(name):
 def test_expected_score_entropy_is_bregman_to_marginal_score(name):
     """E_{x0 | x}[DSE(s; x, x0)] - E[DSE(r; x, x0)] = sum_y w_y (s_y - r_y log s_y - r_y + r_y log r_y),
 
-    r the exact marginal ratios p_t(y) / p_t(x) of a factorised distribution (SEDD Prop. 3.2), w the
+    r the exact marginal ratios p_t(y) / p_t(x) of a factorised distribution (SEDD), w the
     score-entropy weights Q[x, y]. So the exact score minimises the loss and the excess is explicit."""
     graph, _ = make(name, V=4)
     L = 3
@@ -334,7 +334,7 @@ def correlated_joint(V, L, seed):
 
 
 def test_dce_equals_score_entropy_with_radd_score():
-    """RADD Thm. 1 / eq. 12: with normalised probs the SEDD loss of the converted score IS the t-DCE loss."""
+    """RADD: with normalised probs the SEDD loss of the converted score IS the t-DCE loss."""
     V, L, B = 5, 7, 64
     graph, noise = Absorbing(V), LogLinear(1e-3)
     g = torch.Generator().manual_seed(8)

@@ -1,6 +1,6 @@
 """Transition graphs of a discrete diffusion: the rate matrix ``Q`` of a CTMC on a vocabulary.
 
-Lou et al. 2024 (SEDD), Sec. 2: each token evolves independently with
+Lou et al. 2024 (SEDD), the forward CTMC: each token evolves independently with
 ``d p_t / dt = dsigma/dt * Q p_t``, so ``p(x_t | x_0) = exp(sigma(t) Q)[:, x_0]``. Column ``i`` of
 ``Q`` holds the rates out of state ``i`` (``Q[j, i]`` = rate ``i -> j``, columns sum to 0).
 
@@ -14,7 +14,7 @@ Tensors: token ids ``i`` of any shape ``(...)`` (typically ``(B, L)``), int64 in
 vectors over the states come out as ``(..., dim)``. ``sigma`` is a float, a per-sequence
 ``(B,)`` tensor (viewed as ``(B, 1, ..., 1)``), or any shape that broadcasts against ``i``
 (SEDD passes ``(B, 1)``). Scores are concrete scores ``s[..., y] ~ p_t(y) / p_t(x)`` for
-changing one token from ``x = i`` to ``y`` (eq. 3); ``score_entropy`` takes their log.
+changing one token from ``x = i`` to ``y``; ``score_entropy`` takes their log.
 
 Per-sequence coefficients (``exp(-sigma)`` and friends) are computed in float64 with ``expm1``
 and cast to the output dtype, which avoids the float32 cancellation of ``1 - exp(-sigma)``
@@ -101,7 +101,7 @@ class Graph:
     def reverse_rate(self, i: Tensor, score: Tensor) -> Tensor:
         """Reverse rates ``R(i -> y) = Q[i, y] s[y]`` for ``y != i`` and ``-sum`` on the diagonal.
 
-        SEDD eq. 4 / Kelly's time reversal: the reverse CTMC jumps from ``i`` to ``y`` at rate
+        SEDD's reverse process (time reversal of a CTMC): the reverse CTMC jumps from ``i`` to ``y`` at rate
         ``(p_t(y) / p_t(i)) Q[i, y]``. ``score`` (..., dim) is the concrete score at ``i``.
         Returns (..., dim): each row sums to 0 (multiply by ``dsigma/dt`` for rates in ``t``).
         """
@@ -138,7 +138,7 @@ class Graph:
         raise NotImplementedError
 
     def staggered_score(self, score: Tensor, dsigma) -> Tensor:
-        """``exp(-dsigma Q) s``: the ratios ``p_{sigma - dsigma}(y) / p_sigma(x)`` (SEDD eq. 19).
+        """``exp(-dsigma Q) s``: the ratios ``p_{sigma - dsigma}(y) / p_sigma(x)`` (SEDD's Tweedie tau-leaping).
 
         Exact when ``score`` is the exact concrete score (the backward heat equation applied to
         the ratios), so ``staggered_score * transp_transition`` is the Tweedie posterior of one
@@ -151,7 +151,7 @@ class Graph:
         raise NotImplementedError
 
     def score_entropy(self, log_score: Tensor, sigma, x: Tensor, x0: Tensor) -> Tensor:
-        """Denoising score entropy per token, zero at the exact ratios (SEDD eq. 8 with constant)."""
+        """Denoising score entropy per token, zero at the exact ratios (SEDD's DSE with its constant)."""
         raise NotImplementedError
 
 
@@ -225,7 +225,7 @@ class Absorbing(Graph):
         return torch.full(batch_dims, self.mask_id, dtype=torch.int64, device=device)
 
     def score_entropy(self, log_score, sigma, x, x0):
-        """Denoising score entropy of SEDD eq. 8 for the absorbing graph, per token.
+        """SEDD's denoising score entropy (DSE) for the absorbing graph, per token.
 
         Only masked tokens contribute. There the exact ratio ``p(y | x0) / p(mask | x0)`` is
         ``1 / (e^sigma - 1)`` for ``y = x0`` and 0 for other tokens, so with ``r = 1 / (e^sigma - 1)``
@@ -298,7 +298,7 @@ class Uniform(Graph):
         return torch.randint(0, self.dim, batch_dims, generator=generator, device=device)
 
     def score_entropy(self, log_score, sigma, x, x0):
-        """Denoising score entropy of SEDD eq. 8 for the uniform graph, per token.
+        """SEDD's denoising score entropy (DSE) for the uniform graph, per token.
 
         Weights ``Q[x, y] = 1 / V``. With ``E = e^sigma - 1`` the exact ratios ``p(y | x0) / p(x | x0)``
         are ``E / (E + V)`` for every ``y != x`` if ``x = x0``, and if ``x != x0``: ``1 + V / E`` for

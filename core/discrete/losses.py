@@ -4,22 +4,22 @@ Two parameterisations of the same absorbing model:
 
 - SEDD (Lou et al. 2024): a network ``log_score_fn(x, sigma) -> (B, L, dim)`` gives the log
   concrete score ``log p_t(y) / p_t(x)`` for every one-token change; trained with the
-  denoising score entropy (eq. 8) weighted by ``dsigma/dt`` (the ELBO of Thm. 3.6).
+  denoising score entropy (DSE) weighted by ``dsigma/dt`` (SEDD's likelihood bound).
 - RADD (Ou et al. 2024, "Your Absorbing Discrete Diffusion Secretly Models the Conditional
-  Distributions of Clean Data"): Thm. 1 shows that at a masked position the concrete score is
+  Distributions of Clean Data") shows that at a masked position the concrete score is
   ``p_0(x^l = y | unmasked tokens) / (e^sigma - 1)``: a time-independent conditional of clean
   data times an analytic scalar. A network ``log_probs_fn(x) -> (B, L, V)`` (log-probabilities
   of the V clean tokens, no time input) is trained with the denoising cross-entropy (DCE):
 
   * ``t``-DCE: ``sum_{masked l} -log p(x0^l | x_t) * dsigma / (e^sigma - 1)``. For the
     log-linear schedule the weight is exactly ``1 / t``, which is MDLM's continuous-time
-    objective (Sahoo et al. 2024, eq. 10 with ``alpha_t = 1 - t``).
-  * ``lambda``-DCE (RADD eq. 13): ``lambda ~ U(0, 1]`` is the masking probability itself and
+    continuous-time objective (Sahoo et al. 2024, with ``alpha_t = 1 - t``).
+  * ``lambda``-DCE (RADD): ``lambda ~ U(0, 1]`` is the masking probability itself and
     the loss is ``sum_{masked l} -log p(x0^l | x_lambda) / lambda``; its expectation is the
     any-order autoregressive NLL and upper-bounds ``-log p_theta(x0)``.
 
 With normalised probabilities the score entropy of the converted score equals the t-DCE term
-by term (the positive and constant terms of eq. 8 cancel), see :func:`absorbing_log_score`.
+by term (the positive and constant terms of the DSE cancel), see :func:`absorbing_log_score`.
 
 Every loss returns a per-sequence ``(B,)`` tensor (sum over tokens); average it for training.
 """
@@ -74,7 +74,7 @@ def score_entropy_loss(
     sampling_eps: float = 1e-3,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """SEDD's training loss: ``dsigma/dt * sum_tokens score_entropy`` (Lou et al. 2024, eq. 8 and Thm. 3.6).
+    """SEDD's training loss: ``dsigma/dt * sum_tokens score_entropy`` (Lou et al. 2024).
 
     log_score_fn(xt (B, L), sigma (B,)) -> log concrete scores (B, L, graph.dim).
     x0 (B, L) clean ids. ``t`` (B,) defaults to ``U(sampling_eps, 1)``; ``xt`` defaults to a draw
@@ -96,7 +96,7 @@ def score_entropy_loss(
 
 
 def absorbing_log_score(log_probs: Tensor, x: Tensor, sigma, graph: Absorbing | None = None) -> Tensor:
-    """RADD Thm. 1: SEDD's log concrete score from clean-token log-probabilities.
+    """RADD's factorisation: SEDD's log concrete score from clean-token log-probabilities.
 
     ``log s[y] = log p(x0^l = y | x) - log(e^sigma - 1)`` for the V data tokens, 0 (score 1) in
     the mask column and in the current token's column (as SEDD's network scatters 0 at ``x``).
@@ -115,7 +115,7 @@ def absorbing_log_score(log_probs: Tensor, x: Tensor, sigma, graph: Absorbing | 
 
 
 def absorbing_score(probs: Tensor, x: Tensor, sigma, graph: Absorbing | None = None) -> Tensor:
-    """RADD Thm. 1 for samplers: concrete score ``p(y | x) / (e^sigma - 1)``, 1 at the mask and at ``x``.
+    """RADD's factorisation for samplers: concrete score ``p(y | x) / (e^sigma - 1)``, 1 at the mask and at ``x``.
 
     probs (B, L, V) clean-token probabilities, x (B, L), sigma float or (B,). Returns (B, L, V + 1).
     """
@@ -168,7 +168,7 @@ def absorbing_dce_loss(
     sampling_eps: float = 1e-3,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """RADD's t-DCE (eq. 12) / MDLM's loss: ``dce_weight(t) * sum_{masked} -log p(x0^l | xt)``.
+    """RADD's t-DCE / MDLM's loss: ``dce_weight(t) * sum_{masked} -log p(x0^l | xt)``.
 
     log_probs_fn(xt (B, L)) -> (B, L, V) log-probabilities of the clean tokens (time-independent).
     Draws ``t`` and ``xt`` exactly as :func:`score_entropy_loss`, so with the same generator and
@@ -196,12 +196,12 @@ def lambda_dce_loss(
     xt: Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """RADD's lambda-DCE (eq. 13): ``sum_{masked l} -log p(x0^l | x_lambda) / lambda``.
+    """RADD's lambda-DCE: ``sum_{masked l} -log p(x0^l | x_lambda) / lambda``.
 
     Each token is masked independently with probability ``lambda`` (B,), drawn as ``1 - U[0, 1)``
     so it lies in (0, 1] and never divides by zero; then ``xt`` (mask uniforms drawn second).
     The expectation over ``lambda ~ U(0, 1]`` equals the any-order autoregressive NLL
-    ``E_order[-log prod_l p(x0^{order_l} | x0^{order_<l})]`` (RADD Thm. 2), an upper bound on
+    ``E_order[-log prod_l p(x0^{order_l} | x0^{order_<l})]`` (RADD's link to any-order autoregressive models), an upper bound on
     ``-log p_theta(x0)`` that is tight when the conditionals are those of one joint distribution.
     log_probs_fn(xt (B, L)) -> (B, L, V). Returns (B,) in float64 (RADD accumulates in float64 too).
     """

@@ -1,7 +1,7 @@
 """Noise schedules of a discrete diffusion: total noise ``sigma(t)`` and its rate ``dsigma/dt``.
 
 The forward CTMC on a vocabulary has generator ``dsigma/dt * Q`` (Lou et al. 2024, "Discrete
-Diffusion Modeling by Estimating the Ratios of the Data Distribution", SEDD, Sec. 2 and eq. 6),
+Diffusion Modeling by Estimating the Ratios of the Data Distribution", SEDD),
 so at time ``t`` a token has moved along ``exp(sigma(t) Q)``. Time runs over ``[0, 1]`` with data
 at ``t = 0`` (``sigma(0)`` is 0 or tiny); a sampler integrates from ``t = 1`` down to a small
 ``eps``.

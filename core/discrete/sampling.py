@@ -17,7 +17,7 @@ Every sampler is a short function with one signature, integrating the reverse CT
 - ``steps``: an int (a uniform grid ``linspace(1, eps, steps + 1)`` as SEDD's ``pc_sampler``),
   or a descending float tensor of times in (0, 1] (its last entry plays the role of ``eps``).
 - ``fixed_mask``: (B, L) or (L,) bool, True where the token of ``x`` is given and must stay.
-  Conditioning needs no retraining (SEDD Sec. 4.3, RADD Sec. 5): the network sees the given
+  Conditioning needs no retraining (SEDD and RADD both infill this way): the network sees the given
   tokens, and they are written back after every update.
 - ``generator``: every random draw (the Gumbel uniforms of :func:`sample_categorical`, the
   uniform prior) uses it; ``None`` uses the global RNG, in the official call order.
@@ -92,7 +92,7 @@ def time_grid(steps, eps: float = 1e-5) -> Tensor:
 
 # -- single updates --------------------------------------------------------------------------
 def euler_probs(graph: Graph, x: Tensor, score: Tensor, rate_scale) -> Tensor:
-    """Tau-leaping / Euler weights ``e_x + dt * dsigma/dt * R(x -> .)`` for each token (SEDD Alg. 1 / eq. 17).
+    """Tau-leaping / Euler weights ``e_x + dt * dsigma/dt * R(x -> .)`` for each token (SEDD's Euler step).
 
     ``rate_scale`` (float or (B,)) is ``dt * dsigma/dt`` at the current time; ``score`` (B, L, dim).
     Each token moves independently with the first-order probability of its reverse rate.
@@ -103,7 +103,7 @@ def euler_probs(graph: Graph, x: Tensor, score: Tensor, rate_scale) -> Tensor:
 
 
 def analytic_probs(graph: Graph, x: Tensor, score: Tensor, dsigma) -> Tensor:
-    """Tweedie tau-leaping weights ``(exp(-dsigma Q) s)[y] * exp(dsigma Q)[x, y]`` (SEDD eq. 19).
+    """Tweedie tau-leaping weights ``(exp(-dsigma Q) s)[y] * exp(dsigma Q)[x, y]`` (SEDD's Tweedie tau-leaping).
 
     The exact one-token posterior ``p(x_{t-dt} = y | x_t = x)`` when ``score`` is exact, with
     ``dsigma = sigma(t) - sigma(t - dt)`` (float or (B,)). score (B, L, dim) -> (B, L, dim).
@@ -185,7 +185,7 @@ def sample_euler(
 ) -> tuple[Tensor, Tensor]:
     """SEDD's Euler predictor (tau-leaping): each token jumps with probability ``dt * dsigma * R``.
 
-    Lou et al. 2024, Alg. 2 with the Euler step of eq. 17; the official ``EulerPredictor``. The
+    Lou et al. 2024, the official ``EulerPredictor``. The
     rates are taken at the start of each interval. One network call per step (+1 to denoise).
     """
     grid = time_grid(steps, eps)
@@ -216,7 +216,7 @@ def sample_analytic(
 ) -> tuple[Tensor, Tensor]:
     """SEDD's analytic (Tweedie tau-leaping) predictor: sample each token from ``analytic_probs``.
 
-    Lou et al. 2024, eq. 19 and the official ``AnalyticPredictor``: exact per token given the
+    Lou et al. 2024, Tweedie tau-leaping, the official ``AnalyticPredictor``: exact per token given the
     exact score, so its only error is the factorisation over tokens within a step.
     """
     grid = time_grid(steps, eps)
@@ -249,7 +249,7 @@ def sample_absorbing(
 ) -> tuple[Tensor, Tensor]:
     """RADD's sampler for a time-independent absorbing model, caching the network between changes.
 
-    Ou et al. 2024, Sec. 4: ``probs_fn(x) -> (B, L, V)`` gives ``p(x0^l | unmasked tokens)``,
+    Ou et al. 2024: ``probs_fn(x) -> (B, L, V)`` gives ``p(x0^l | unmasked tokens)``,
     which does not depend on ``t``, so while a sequence does not change its last output is
     reused (``cache=True``) and its NFE only grows at steps where some token was unmasked.
 
