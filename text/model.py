@@ -1,0 +1,172 @@
+"""Language models of the text domain: one token transformer, three ways to use it.
+
+``TextModel`` = token embedding (``V + 1`` rows) -> ``core.nn.TokenTransformer`` with 1D RoPE ->
+DiT's adaLN ``FinalLayer`` to ``V`` logits. The parameter count is the same for every kind:
+
+- ``sedd`` (Lou et al. 2024, "Discrete Diffusion Modeling by Estimating the Ratios of the Data
+  Distribution"): bidirectional, conditioned on the total noise ``sigma`` through the time
+  embedder; the extra embedding row is the absorbing mask. Its log concrete score is the
+  official absorbing parameterisation: ``logits - log(e^sigma - 1) - log V`` on the data tokens,
+  0 at the current token and in the mask column (:meth:`TextModel.log_score`).
+- ``radd`` (Ou et al. 2024, RADD; MDLM): bidirectional and time-independent (the time
+  embedder gets a constant 0); the softmax of the logits is ``p(x0^l | unmasked tokens)``
+  (:meth:`TextModel.log_probs`).
+- ``ar``: the same transformer in causal mode; the extra embedding row is a begin-of-sequence
+  token, the input is ``[BOS, x_0, .., x_{L-2}]`` and position ``l`` predicts ``x_l``
+  (:meth:`TextModel.ar_log_probs`).
+
+Token ids are ``(B, L)`` int64 in ``[0, V]`` (``V`` = the mask / BOS id).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from core.discrete import Absorbing, LogLinear, absorbing_dce_loss, lambda_dce_loss, score_entropy_loss
+from core.nn.transformer import FinalLayer, TokenTransformer, TransformerConfig
+
+__all__ = ["TextModelConfig", "TextModel", "KINDS", "make_loss", "sedd_log_score"]
+
+KINDS = ("sedd", "radd", "ar")
+
+
+@dataclass
+class TextModelConfig:
+    kind: str = "radd"  # sedd | radd | ar
+    dim: int = 256
+    depth: int = 4
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    noise_eps: float = 1e-3  # LogLinear: mask probability (1 - eps) t
+    sampling_eps: float = 1e-3  # training times t ~ U(eps, 1) (SEDD / RADD)
+    loss: str = "tdce"  # radd only: "tdce" (MDLM / RADD t-DCE) or "lambda" (RADD lambda-DCE)
+
+    def validate(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"model.kind must be one of {list(KINDS)}, got {self.kind!r}")
+        if self.loss not in ("tdce", "lambda"):
+            raise ValueError(f"model.loss must be 'tdce' or 'lambda', got {self.loss!r}")
+        for name in ("dim", "depth", "num_heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)!r}")
+        if not 0.0 < self.noise_eps < 1.0:
+            raise ValueError(f"model.noise_eps must be in (0, 1), got {self.noise_eps!r}")
+        if not 0.0 <= self.sampling_eps < 1.0:
+            raise ValueError(f"model.sampling_eps must be in [0, 1), got {self.sampling_eps!r}")
+        self.transformer()  # head_dim / RoPE divisibility
+
+    def transformer(self) -> TransformerConfig:
+        try:
+            return TransformerConfig(dim=self.dim, depth=self.depth, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
+                                     rope_axes=1, causal=self.kind == "ar")
+        except ValueError as e:
+            raise ValueError(f"model: {e}") from None
+
+
+def sedd_log_score(logits: Tensor, x: Tensor, sigma: Tensor) -> Tensor:
+    """SEDD's absorbing log score from logits (B, L, V): ``logits - log(e^sigma - 1) - log V``.
+
+    The mask column and the current token's column are 0 (score 1), as the official network scatters.
+    Returns (B, L, V + 1) float32.
+    """
+    logits = logits.float()
+    # log(e^sigma - 1) in float64, so that a small sigma does not cancel.
+    sigma = torch.as_tensor(sigma, device=x.device).double().reshape(-1)
+    log_esigm1 = torch.log(torch.expm1(sigma)).float()[:, None, None]
+    out = logits - log_esigm1 - math.log(logits.shape[-1])
+    out = torch.cat([out, torch.zeros_like(out[..., :1])], dim=-1)
+    return out.scatter(-1, x[..., None], 0.0)
+
+
+class TextModel(nn.Module):
+    """See the module docstring. ``vocab_size`` = V data tokens; id V is the mask (diffusion) or BOS (AR)."""
+
+    def __init__(self, cfg: TextModelConfig, vocab_size: int):
+        super().__init__()
+        cfg.validate()
+        if vocab_size < 2:
+            raise ValueError(f"vocab_size must be >= 2, got {vocab_size}")
+        self.cfg, self.vocab_size = cfg, vocab_size
+        self.embed = nn.Embedding(vocab_size + 1, cfg.dim)
+        self.body = TokenTransformer(cfg.transformer())
+        self.head = FinalLayer(cfg.dim, vocab_size)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        self.graph = Absorbing(vocab_size)
+        self.noise = LogLinear(cfg.noise_eps)
+
+    @property
+    def kind(self) -> str:
+        return self.cfg.kind
+
+    def _check(self, x: Tensor) -> Tensor:
+        if x.ndim != 2 or x.dtype != torch.int64:
+            raise ValueError(f"token ids must be (B, L) int64, got shape {tuple(x.shape)} dtype {x.dtype}")
+        return x
+
+    def forward(self, x: Tensor, sigma: Tensor | None = None) -> Tensor:
+        """Logits (B, L, V) of ids x (B, L) in [0, V]; ``sigma`` (B,) conditions SEDD only."""
+        x = self._check(x)
+        B, L = x.shape
+        if (sigma is None) != (self.kind != "sedd"):
+            raise ValueError(f"a {self.kind} model takes {'sigma' if self.kind == 'sedd' else 'no sigma'}")
+        t = sigma.to(torch.float32) if sigma is not None else torch.zeros(B, device=x.device)
+        c = self.body.condition(t)
+        positions = torch.arange(L, device=x.device, dtype=torch.float32)[:, None]
+        h = self.body(self.embed(x), c, positions=positions)
+        return self.head(h, c)
+
+    # -- the three parameterisations ------------------------------------------------------------
+    def log_score(self, x: Tensor, sigma: Tensor) -> Tensor:
+        """SEDD: log concrete score (B, L, V + 1) of the absorbing graph at ids x (B, L), sigma (B,)."""
+        return sedd_log_score(self(x, sigma), x, sigma)
+
+    def log_probs(self, x: Tensor) -> Tensor:
+        """RADD: log p(x0^l = . | x) (B, L, V), float32."""
+        return F.log_softmax(self(x).float(), dim=-1)
+
+    def ar_log_probs(self, x: Tensor) -> Tensor:
+        """AR: log p(x_l = . | x_<l) (B, L, V) for every position of x (B, L), float32."""
+        x = self._check(x)
+        bos = torch.full_like(x[:, :1], self.vocab_size)
+        return F.log_softmax(self(torch.cat([bos, x[:, :-1]], dim=1)).float(), dim=-1)
+
+    def ar_nll(self, x: Tensor) -> Tensor:
+        """Exact ``-log p(x)`` per sequence (B,) in nats under the causal model."""
+        return -self.ar_log_probs(x).gather(-1, x[..., None]).squeeze(-1).sum(1)
+
+
+def make_loss(model_cfg: TextModelConfig):
+    """``loss_fn(model, x0, generator) -> {"loss": nats per token, ...}`` for the engine's Trainer."""
+
+    def loss_fn(model: nn.Module, x0: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
+        net: TextModel = getattr(model, "module", model)  # DDP wraps the model
+        L = x0.shape[1]
+        call = model  # the wrapper, so DDP sees the forward
+        if model_cfg.kind == "ar":
+            bos = torch.full_like(x0[:, :1], net.vocab_size)
+            logits = call(torch.cat([bos, x0[:, :-1]], dim=1)).float()
+            return {"loss": F.cross_entropy(logits.flatten(0, 1), x0.flatten())}
+        if model_cfg.kind == "sedd":
+            def log_score_fn(xt, sigma):
+                return sedd_log_score(call(xt, sigma), xt, sigma)
+
+            per_seq = score_entropy_loss(log_score_fn, net.graph, net.noise, x0,
+                                         sampling_eps=model_cfg.sampling_eps, generator=generator)
+            return {"loss": per_seq.mean() / L}
+
+        def log_probs_fn(xt):
+            return F.log_softmax(call(xt).float(), dim=-1)
+
+        if model_cfg.loss == "lambda":
+            per_seq = lambda_dce_loss(log_probs_fn, net.graph, x0, generator=generator).float()
+        else:
+            per_seq = absorbing_dce_loss(log_probs_fn, net.graph, net.noise, x0,
+                                         sampling_eps=model_cfg.sampling_eps, generator=generator)
+        return {"loss": per_seq.mean() / L}
+
+    return loss_fn
