@@ -93,16 +93,26 @@ def sample_ar(model: TextModel, num: int, length: int, *, temperature: float = 1
     return x, torch.full((num,), length - start, dtype=torch.int64, device=device)
 
 
-def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[TextModel, object, dict]:
-    """``(model in eval mode, tokenizer, run.json dict)`` of a ``text.train`` output directory."""
+def load_run(run_dir: str | Path, device: str = "cpu", step: int | None = None) -> tuple[TextModel, object, dict]:
+    """``(model in eval mode, tokenizer, run.json dict)`` of a ``text.train`` output directory.
+
+    Weights: the EMA export of a finished run, else the newest checkpoint's (first) EMA; ``step``
+    picks the EMA of the checkpoint of that step instead (to compare runs at equal steps).
+    """
     run_dir = Path(run_dir)
     info_path = run_dir / "run.json"
     if not info_path.is_file():
         raise ValueError(f"{str(run_dir)!r} is not a text.train run (no run.json)")
     info = json.loads(info_path.read_text())
     model = TextModel(TextModelConfig(**info["model"]), info["vocab_size"])
-    exports = sorted(run_dir.glob("ema_*.safetensors"))
-    if exports:
+    exports = sorted(run_dir.glob("ema_*.safetensors")) if step is None else []
+    if step is not None:
+        from core.engine.checkpoint import checkpoint_path, load_checkpoint
+
+        ckpt = load_checkpoint(checkpoint_path(run_dir / "checkpoints", step))
+        shadows = (ckpt.get("ema") or {}).get("shadows") or {}
+        state = next(iter(shadows.values())) if shadows else ckpt["model"]
+    elif exports:
         from safetensors.torch import load_file
 
         state = load_file(str(exports[0]))

@@ -1,0 +1,101 @@
+"""Measure the text targets on trained runs: ``python -m text.evaluate``.
+
+    python -m text.evaluate --sedd outputs/text/sedd --radd outputs/text/radd --ar outputs/text/ar \\
+        [--step 400] [--val-chunks 256] [--bound-samples 4] [--num-samples 16] [--steps 128] --out eval.json
+
+All runs must share the data settings (the same validation chunks are rebuilt from ``run.json``).
+Reports, per model: the validation perplexity (exact for AR, the ELBO bound for SEDD/RADD, see
+:mod:`text.metrics`); for samples of ``--steps`` diffusion steps and AR samples at temperature 1:
+their generative perplexity under the AR model and their unigram entropy against the validation
+data's; and samples/s against the number of steps (RADD cached and uncached, SEDD analytic).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from .data import chunk_tokens, encode_documents, load_corpus, split_documents
+from .metrics import ar_perplexity, diffusion_nll_bound, generative_perplexity, sampling_speed, unigram_entropy
+from .sample import load_run, sample_ar, sample_diffusion
+
+
+def validation_chunks(info: dict, tokenizer) -> torch.Tensor:
+    d = info["data"]
+    docs = load_corpus(d["corpus"], d["paths"])
+    _, val = split_documents(list(docs), d["val_fraction"], d["split_seed"])
+    return chunk_tokens(encode_documents(tokenizer, [docs[n] for n in val], tokenizer.encode("\n\n")), d["seq_len"])
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m text.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--sedd"), p.add_argument("--radd"), p.add_argument("--ar", required=True)
+    p.add_argument("--step", type=int, default=None, help="evaluate the EMA of this checkpoint step in every run")
+    p.add_argument("--val-chunks", type=int, default=256, help="validation chunks (evenly spaced) to score")
+    p.add_argument("--bound-samples", type=int, default=4, help="stratified times per chunk in the ELBO estimate")
+    p.add_argument("--num-samples", type=int, default=16)
+    p.add_argument("--steps", type=int, default=128)
+    p.add_argument("--speed-steps", default="32,128,1024")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None)
+    a = p.parse_args(argv)
+    torch.manual_seed(a.seed)
+    ar, tok, info = load_run(a.ar, step=a.step)
+    val = validation_chunks(info, tok)
+    idx = torch.linspace(0, len(val) - 1, min(a.val_chunks, len(val))).round().long()
+    val = val[idx]
+    L = val.shape[1]
+    data_entropy = unigram_entropy(val, tok.vocab_size)
+    res: dict = {"step": a.step, "val_chunks": len(val), "seq_len": L, "vocab_size": tok.vocab_size,
+                 "parameters": sum(p.numel() for p in ar.parameters()), "data_unigram_entropy": data_entropy}
+    t0 = time.perf_counter()
+    res["ar"] = {"perplexity": ar_perplexity(ar, val)}
+    g = torch.Generator().manual_seed(a.seed)
+    xs, _ = sample_ar(ar, a.num_samples, L, temperature=1.0, generator=g)
+    res["ar"].update(gen_ppl=generative_perplexity(ar, xs), sample_entropy=unigram_entropy(xs, tok.vocab_size),
+                     sample=tok.decode(xs[0].tolist()))
+    print(f"ar: {res['ar']['perplexity']:.3f} ({time.perf_counter() - t0:.0f}s)", flush=True)
+    for kind, run in (("sedd", a.sedd), ("radd", a.radd)):
+        if run is None:
+            continue
+        t0 = time.perf_counter()
+        m, tk, inf = load_run(run, step=a.step)
+        if inf["data"] != info["data"] or tk.spec() != tok.spec():
+            raise ValueError(f"{run!r} was trained on other data or another tokenizer than {a.ar!r}")
+        b = diffusion_nll_bound(m, val, samples=a.bound_samples, generator=torch.Generator().manual_seed(a.seed))
+        r = {"perplexity_bound": math.exp(b["nll"]), "nll_bound": b["nll"], "nll_stderr": b["stderr"],
+             "method": b["method"], "ratio_to_ar": math.exp(b["nll"]) / res["ar"]["perplexity"]}
+        xs, nfe = sample_diffusion(m, a.num_samples, L, a.steps, generator=torch.Generator().manual_seed(a.seed))
+        r.update(gen_ppl=generative_perplexity(ar, xs), sample_entropy=unigram_entropy(xs, tok.vocab_size),
+                 nfe=float(nfe.float().mean()), sample=tok.decode(xs[0].tolist()))
+        r["entropy_rel_diff"] = abs(r["sample_entropy"] - data_entropy) / data_entropy
+        res[kind] = r
+        print(f"{kind}: bound {r['perplexity_bound']:.3f} gen_ppl {r['gen_ppl']:.2f} "
+              f"({time.perf_counter() - t0:.0f}s)", flush=True)
+    res["ar"]["entropy_rel_diff"] = abs(res["ar"]["sample_entropy"] - data_entropy) / data_entropy
+    steps_list = [int(s) for s in a.speed_steps.split(",") if s]
+    speed = {}
+    n = 4
+    for name, run, kw in (("radd_cached", a.radd, {"cache": True}), ("radd_uncached", a.radd, {"cache": False}),
+                          ("sedd", a.sedd, {})):
+        if run is None or not steps_list:
+            continue
+        m, _, _ = load_run(run, step=a.step)
+        speed[name] = sampling_speed(lambda s, g, m=m, kw=kw: sample_diffusion(m, n, L, s, generator=g, **kw),
+                                     steps_list, num=n)
+        print(name, [(r["steps"], round(r["samples_per_s"], 3)) for r in speed[name]], flush=True)
+    res["speed"] = speed
+    text = json.dumps(res, indent=1)
+    if a.out:
+        Path(a.out).write_text(text + "\n")
+    print(text)
+    return res
+
+
+if __name__ == "__main__":
+    main()
