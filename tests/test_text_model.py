@@ -14,6 +14,16 @@ from text.model import KINDS, TextModel, TextModelConfig, make_loss, sedd_log_sc
 from text.sample import sample_ar, sample_diffusion
 
 
+def test_difformer_rounding_and_denoiser():
+    m = tiny("difformer", vocab=7)
+    e = m.embeddings()
+    assert e.shape == (7, 16) and torch.allclose(e.norm(dim=-1), torch.full((7,), 0.5 * 4.0), atol=1e-3)
+    ids = torch.randint(0, 7, (2, 5))
+    assert torch.equal(m.round(e[ids] + 0.01 * torch.randn(2, 5, 16)), ids)  # nearest embedding
+    x0 = m.denoise(torch.randn(2, 5, 16), torch.full((2,), 0.5))
+    assert x0.shape == (2, 5, 16)
+
+
 def tiny(kind, vocab=5, seed=0, scale=0.3):
     torch.manual_seed(seed)
     m = TextModel(TextModelConfig(kind=kind, dim=16, depth=2, num_heads=2), vocab)
@@ -35,6 +45,8 @@ def test_same_parameter_count_and_losses_run():
         assert torch.isfinite(out["loss"])
         if k == "ar":
             assert out["loss"].item() == pytest.approx(math.log(50), abs=1e-5)
+        if k == "difformer":
+            assert out["anchor"].item() == pytest.approx(math.log(50), abs=1e-5)
 
 
 def test_ar_is_causal_and_its_perplexity_is_exact():
@@ -139,7 +151,7 @@ def test_sedd_bound_is_finite_and_decreases_with_training_signal():
 
 @torch.no_grad()
 def test_infill_prefix_and_cached_sampler():
-    for kind in ("radd", "sedd"):
+    for kind in ("radd", "sedd", "difformer"):
         m = tiny(kind, vocab=6)
         pos = torch.tensor([0, 1, 7])
         tok = torch.tensor([5, 4, 3])
@@ -177,8 +189,10 @@ def test_bad_inputs_raise():
         radd(torch.zeros(1, 4))
     with pytest.raises(ValueError, match="'ar' model"):
         sample_ar(radd, 1, 4)
-    with pytest.raises(ValueError, match="'sedd' or 'radd'"):
+    with pytest.raises(ValueError, match="'sedd', 'radd' or 'difformer'"):
         sample_diffusion(ar, 1, 4, 4)
+    with pytest.raises(ValueError, match="noisy embeddings"):
+        tiny("difformer")(torch.zeros(1, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="temperature"):
         sample_ar(ar, 1, 4, temperature=0.0)
     with pytest.raises(ValueError, match="fixed tokens"):

@@ -65,7 +65,7 @@ def test_train_runs_and_resumes_to_the_same_weights(tmp_path, corpus, radd_run):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("kind", ["sedd", "ar"])
+@pytest.mark.parametrize("kind", ["sedd", "ar", "difformer"])
 def test_other_models_train_with_the_same_settings(tmp_path, corpus, kind):
     out = run(tmp_path, corpus, f"model={kind}", "trainer.steps=2", "trainer.ckpt_every=2")
     assert out["step"] == 2 and torch.isfinite(torch.tensor(out["loss"]))

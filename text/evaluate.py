@@ -7,7 +7,7 @@ All runs must share the data settings (the same validation chunks are rebuilt fr
 Reports, per model: the validation perplexity (exact for AR, the ELBO bound for SEDD/RADD, see
 :mod:`text.metrics`); for samples of ``--steps`` diffusion steps and AR samples at temperature 1:
 their generative perplexity under the AR model and their unigram entropy against the validation
-data's; and samples/s against the number of steps (RADD cached and uncached, SEDD analytic).
+data's (also for a Difformer run, ``--difformer``, which has no likelihood bound here); and samples/s against the number of steps (RADD cached and uncached, SEDD analytic).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ def validation_chunks(info: dict, tokenizer) -> torch.Tensor:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m text.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--sedd"), p.add_argument("--radd"), p.add_argument("--ar", required=True)
+    p.add_argument("--difformer", help="embedding diffusion run: samples only (no likelihood bound here)")
     p.add_argument("--step", type=int, default=None, help="evaluate the EMA of this checkpoint step in every run")
     p.add_argument("--val-chunks", type=int, default=256, help="validation chunks (evenly spaced) to score")
     p.add_argument("--bound-samples", type=int, default=4, help="stratified times per chunk in the ELBO estimate")
@@ -77,6 +78,15 @@ def main(argv: list[str] | None = None) -> dict:
         res[kind] = r
         print(f"{kind}: bound {r['perplexity_bound']:.3f} gen_ppl {r['gen_ppl']:.2f} "
               f"({time.perf_counter() - t0:.0f}s)", flush=True)
+    if a.difformer:
+        m, tk, inf = load_run(a.difformer, step=a.step)
+        if inf["data"] != info["data"] or tk.spec() != tok.spec():
+            raise ValueError(f"{a.difformer!r} was trained on other data or another tokenizer than {a.ar!r}")
+        xs, nfe = sample_diffusion(m, a.num_samples, L, a.steps, generator=torch.Generator().manual_seed(a.seed))
+        ent = unigram_entropy(xs, tok.vocab_size)
+        res["difformer"] = {"gen_ppl": generative_perplexity(ar, xs), "sample_entropy": ent, "nfe": float(nfe[0]),
+                            "entropy_rel_diff": abs(ent - data_entropy) / data_entropy,
+                            "sample": tok.decode(xs[0].tolist())}
     res["ar"]["entropy_rel_diff"] = abs(res["ar"]["sample_entropy"] - data_entropy) / data_entropy
     steps_list = [int(s) for s in a.speed_steps.split(",") if s]
     speed = {}

@@ -15,6 +15,13 @@ DiT's adaLN ``FinalLayer`` to ``V`` logits. The parameter count is the same for 
   token, the input is ``[BOS, x_0, .., x_{L-2}]`` and position ``l`` predicts ``x_l``
   (:meth:`TextModel.ar_log_probs`).
 
+- ``difformer`` (Gao et al. 2022, Difformer; Li et al. 2022, Diffusion-LM): continuous diffusion
+  of the token embeddings on a ``core.paths`` Gaussian path. Embeddings are layer-normalised and
+  scaled by ``embed_scale`` (Difformer's normalisation against embedding collapse; a scale below 1
+  acts as its noise factor); the network reads ``x_t`` and ``t`` and its logits give
+  ``x0_hat = softmax(logits) @ E`` (:meth:`TextModel.denoise`), trained with the x0 MSE plus
+  Difformer's anchor cross-entropy on the logits.
+
 Token ids are ``(B, L)`` int64 in ``[0, V]`` (``V`` = the mask / BOS id).
 """
 
@@ -32,7 +39,7 @@ from core.nn.transformer import FinalLayer, TokenTransformer, TransformerConfig
 
 __all__ = ["TextModelConfig", "TextModel", "KINDS", "make_loss", "sedd_log_score"]
 
-KINDS = ("sedd", "radd", "ar")
+KINDS = ("sedd", "radd", "ar", "difformer")
 
 
 @dataclass
@@ -45,6 +52,8 @@ class TextModelConfig:
     noise_eps: float = 1e-3  # LogLinear: mask probability (1 - eps) t
     sampling_eps: float = 1e-3  # training times t ~ U(eps, 1) (SEDD / RADD)
     loss: str = "tdce"  # radd only: "tdce" (MDLM / RADD t-DCE) or "lambda" (RADD lambda-DCE)
+    path: str = "cosine"  # difformer only: the core Gaussian path in embedding space
+    embed_scale: float = 0.5  # difformer: norm of the normalised embeddings / sqrt(dim) (1 / noise factor)
 
     def validate(self) -> None:
         if self.kind not in KINDS:
@@ -58,6 +67,12 @@ class TextModelConfig:
             raise ValueError(f"model.noise_eps must be in (0, 1), got {self.noise_eps!r}")
         if not 0.0 <= self.sampling_eps < 1.0:
             raise ValueError(f"model.sampling_eps must be in [0, 1), got {self.sampling_eps!r}")
+        if not self.embed_scale > 0:
+            raise ValueError(f"model.embed_scale must be > 0, got {self.embed_scale!r}")
+        if self.kind == "difformer":
+            from core.paths import get_path
+
+            get_path(self.path)  # ValueError naming an unknown path
         self.transformer()  # head_dim / RoPE divisibility
 
     def transformer(self) -> TransformerConfig:
@@ -108,8 +123,39 @@ class TextModel(nn.Module):
             raise ValueError(f"token ids must be (B, L) int64, got shape {tuple(x.shape)} dtype {x.dtype}")
         return x
 
+    # -- difformer: embedding-space continuous diffusion -----------------------------------------
+    def embeddings(self) -> Tensor:
+        """The V normalised word embeddings (V, D): LayerNorm (no affine) times ``embed_scale``."""
+        e = self.embed.weight[: self.vocab_size]
+        return F.layer_norm(e, e.shape[-1:]) * self.cfg.embed_scale
+
+    def continuous_logits(self, xt: Tensor, t: Tensor) -> Tensor:
+        """Logits (B, L, V) of the clean tokens from noisy embeddings xt (B, L, D) at times t (B,)."""
+        if self.kind != "difformer":
+            raise ValueError(f"continuous_logits needs a 'difformer' model, got {self.kind!r}")
+        B, L, _ = xt.shape
+        c = self.body.condition(1000.0 * t.to(torch.float32))  # DiT's time scale (0..1000)
+        positions = torch.arange(L, device=xt.device, dtype=torch.float32)[:, None]
+        return self.head(self.body(xt, c, positions=positions), c)
+
+    def denoise(self, xt: Tensor, t: Tensor) -> Tensor:
+        """``D(x_t, t) = softmax(logits) @ E``: the x0 prediction of the shared sampler signature."""
+        return self.continuous_logits(xt, t).float().softmax(-1) @ self.embeddings()
+
+    def round(self, x: Tensor) -> Tensor:
+        """Nearest word embedding of each vector (B, L, D) -> ids (B, L) (Diffusion-LM's rounding)."""
+        e = self.embeddings()
+        return (x.float() @ e.T - 0.5 * (e * e).sum(-1)).argmax(-1)
+
     def forward(self, x: Tensor, sigma: Tensor | None = None) -> Tensor:
-        """Logits (B, L, V) of ids x (B, L) in [0, V]; ``sigma`` (B,) conditions SEDD only."""
+        """Logits (B, L, V) of ids x (B, L) in [0, V]; ``sigma`` (B,) conditions SEDD only.
+
+        A difformer model takes noisy embeddings (B, L, D) and times t (B,) instead.
+        """
+        if self.kind == "difformer":
+            if sigma is None or not torch.is_floating_point(x):
+                raise ValueError("a difformer model takes noisy embeddings (B, L, D) and times t (B,)")
+            return self.continuous_logits(x, sigma)
         x = self._check(x)
         B, L = x.shape
         if (sigma is None) != (self.kind != "sedd"):
@@ -151,6 +197,20 @@ def make_loss(model_cfg: TextModelConfig):
             bos = torch.full_like(x0[:, :1], net.vocab_size)
             logits = call(torch.cat([bos, x0[:, :-1]], dim=1)).float()
             return {"loss": F.cross_entropy(logits.flatten(0, 1), x0.flatten())}
+        if model_cfg.kind == "difformer":
+            from core.paths import get_path
+
+            path = get_path(model_cfg.path)
+            e0 = net.embeddings()[x0]
+            t = torch.rand(x0.shape[0], device=x0.device, generator=generator)
+            t = path.t_min + (path.t_max - path.t_min) * t
+            eps = torch.randn(e0.shape, device=x0.device, generator=generator)
+            xt = path.marginal(e0, t, eps)
+            logits = call(xt, t).float()
+            x0_hat = logits.softmax(-1) @ net.embeddings()
+            mse = (x0_hat - e0).pow(2).sum(-1).mean()
+            anchor = F.cross_entropy(logits.flatten(0, 1), x0.flatten())
+            return {"loss": mse + anchor, "mse": mse.detach(), "anchor": anchor.detach()}
         if model_cfg.kind == "sedd":
             def log_score_fn(xt, sigma):
                 return sedd_log_score(call(xt, sigma), xt, sigma)

@@ -42,11 +42,13 @@ def sample_diffusion(model: TextModel, num: int, length: int, steps: int, *, gen
 
     ``positions`` (K,) and ``tokens`` (K,) or (num, K): tokens held fixed there (prefix or infill).
     """
-    if model.kind not in ("sedd", "radd"):
-        raise ValueError(f"sample_diffusion needs a 'sedd' or 'radd' model, got {model.kind!r}")
+    if model.kind not in ("sedd", "radd", "difformer"):
+        raise ValueError(f"sample_diffusion needs a 'sedd', 'radd' or 'difformer' model, got {model.kind!r}")
     if num < 1 or length < 1:
         raise ValueError(f"num and length must be >= 1, got {num}, {length}")
     device = next(model.parameters()).device
+    if model.kind == "difformer":
+        return _sample_embeddings(model, num, length, steps, generator, positions, tokens, device)
     graph = model.graph
     x = graph.sample_limit(num, length, device=device)
     fixed = None
@@ -66,6 +68,35 @@ def sample_diffusion(model: TextModel, num: int, length: int, steps: int, *, gen
         return model.log_score(z, sigma).exp()
 
     return sample_analytic(score_fn, graph, model.noise, x, steps, eps=eps, fixed_mask=fixed, generator=generator)
+
+
+def _sample_embeddings(model, num, length, steps, generator, positions, tokens, device, sampler="ddim"):
+    """Difformer: a core sampler on the embedding path, then rounding to the nearest embeddings.
+
+    Given tokens are held by replacement: the denoiser returns their clean embedding, so every
+    step sees them at the right noise level, and the rounding writes them back.
+    """
+    from core.paths import get_path
+    from core.samplers import sample
+
+    path = get_path(model.cfg.path)
+    x = path.prior_sample((num, length, model.cfg.dim), generator=generator, device=device)
+    fixed = torch.zeros(num, length, dtype=torch.bool, device=device)
+    given = torch.zeros(num, length, dtype=torch.int64, device=device)
+    if positions is not None:
+        tokens = torch.as_tensor(tokens, device=device).long()
+        if tokens.numel() and not 0 <= int(tokens.min()) <= int(tokens.max()) < model.vocab_size:
+            raise ValueError(f"fixed tokens must lie in [0, {model.vocab_size}), got {tokens.tolist()}")
+        fixed[:, positions] = True
+        given[:, positions] = tokens.expand(num, -1)
+    e_given = model.embeddings()[given]
+
+    def denoiser(z, t):
+        return torch.where(fixed[..., None], e_given, model.denoise(z, t))
+
+    out, nfe = sample(sampler, denoiser, path, x, steps, generator=generator)
+    ids = torch.where(fixed, given, model.round(out))
+    return ids, torch.full((num,), int(nfe), dtype=torch.int64, device=device)
 
 
 @torch.no_grad()
