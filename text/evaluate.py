@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{kind}: bound {r['perplexity_bound']:.3f} gen_ppl {r['gen_ppl']:.2f} "
               f"({time.perf_counter() - t0:.0f}s)", flush=True)
     if a.difformer:
-        m, tk, inf = load_run(a.difformer, step=a.step)
+        m, tk, inf = load_run(a.difformer)  # its final weights (it may have run for other steps)
         if inf["data"] != info["data"] or tk.spec() != tok.spec():
             raise ValueError(f"{a.difformer!r} was trained on other data or another tokenizer than {a.ar!r}")
         xs, nfe = sample_diffusion(m, a.num_samples, L, a.steps, generator=torch.Generator().manual_seed(a.seed))
