@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +27,6 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from core.engine import distributed as D
 from core.engine.checkpoint import atomic_write
 from core.engine.config import register_schema
 from core.engine.run import engine_main, prepare
@@ -89,7 +89,12 @@ def prepare_data(cfg: TextDataConfig, out_dir: str | Path | None = None):
     train_names, val_names = split_documents(list(docs), cfg.val_fraction, cfg.split_seed)
     train_texts = [docs[n] for n in train_names]
     val_texts = [docs[n] for n in val_names]
-    bpe_path = Path(out_dir) / "tokenizer.json" if out_dir is not None else None
+    bpe_path = None
+    if out_dir is not None:
+        # Under torchrun every rank trains the same (deterministic) BPE before the process group
+        # exists; each writes its own file so that no two ranks write one file at once.
+        rank = int(os.environ.get("RANK", "0"))
+        bpe_path = Path(out_dir) / ("tokenizer.json" if rank == 0 else f".tokenizer.rank{rank}.json")
     tok = build_tokenizer(cfg.tokenizer, train_texts, all_texts=val_texts, bpe_vocab_size=cfg.bpe_vocab_size,
                           bpe_path=bpe_path)
     sep = tok.encode("\n\n")
@@ -124,11 +129,10 @@ def train(cfg: DictConfig) -> dict:
     model_cfg: TextModelConfig = ctx.groups["model"]
     data_cfg: TextDataConfig = ctx.groups["data"]
     out_dir = Path(ctx.trainer.out_dir).resolve()
-    if D.is_main():
-        out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
     tok, train_chunks, val_chunks, split = prepare_data(data_cfg, out_dir)
     model = TextModel(model_cfg, tok.vocab_size)
-    if D.is_main():
+    if os.environ.get("RANK", "0") == "0":  # the process group does not exist yet: D.is_main() is True everywhere
         info = {"model": dataclasses.asdict(model_cfg), "data": dataclasses.asdict(data_cfg), "tokenizer": tok.spec(),
                 "vocab_size": tok.vocab_size, "parameters": sum(p.numel() for p in model.parameters()),
                 "train_chunks": train_chunks.shape[0], "val_chunks": val_chunks.shape[0], "split": split}
