@@ -114,3 +114,19 @@ def test_command_line_bad_key_exits_with_a_clear_message(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "text.train", "model=radd", "model.kind=gpt",
                            f"trainer.out_dir={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "model.kind" in proc.stderr
+
+
+def test_evaluate_command_on_tiny_runs(tmp_path, corpus, radd_run):
+    from text.evaluate import main
+
+    run(tmp_path / "ar", corpus, "model=ar", "trainer.steps=3", "trainer.ckpt_every=3")
+    res = main(["--radd", str(radd_run[0]), "--ar", str(tmp_path / "ar"), "--val-chunks", "4", "--bound-samples", "2",
+                "--num-samples", "2", "--steps", "4", "--speed-steps", "2", "--out", str(tmp_path / "e.json")])
+    assert json.loads((tmp_path / "e.json").read_text())["radd"]["method"] == "lambda"
+    assert res["radd"]["ratio_to_ar"] == pytest.approx(res["radd"]["perplexity_bound"] / res["ar"]["perplexity"])
+    assert 1.0 < res["ar"]["perplexity"] < 40 and res["radd"]["nfe"] <= 5  # vocabulary of the corpus: < 40
+    assert set(res["speed"]) == {"radd_cached", "radd_uncached"}
+    with pytest.raises(ValueError, match="other data"):  # runs on different data cannot be compared
+        other = tmp_path / "other"
+        run(other, corpus, "model=ar", "trainer.steps=2", "trainer.ckpt_every=2", "data.seq_len=8")
+        main(["--radd", str(radd_run[0]), "--ar", str(other), "--val-chunks", "2", "--speed-steps", ""])
