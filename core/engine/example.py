@@ -8,12 +8,12 @@ Shows how a domain wires the engine, and gives tests something real to run, kill
 
 Config groups (``configs/example/``): ``model`` (MLP), ``data`` (``synthetic``: a Gaussian
 mixture generated from a seed; ``file``: a tensor file), ``path`` (the Gaussian path
-``x_t = alpha(t) x0 + sigma(t) eps``: ``linear`` or ``cosine``), ``loss`` (``denoise``: x0
+``x_t = alpha(t) x0 + sigma(t) eps``: any ``core.paths`` name; ``linear`` and ``cosine`` ship), ``loss`` (``denoise``: x0
 prediction MSE; ``regression``: a fixed deterministic target, no randomness), ``sampler``
-(deterministic DDIM-style steps from t = 1 to 0), ``trainer`` (:class:`TrainerConfig`).
+(core DDIM on a uniform grid from the path's t_max to 0), ``trainer`` (:class:`TrainerConfig`).
 
-The path and loss are written inline on purpose: this module shows the engine, not the
-library's paths and losses.
+The path, loss and sampler are the core's (``core.paths``, ``core.losses``, ``core.samplers``):
+a domain entry point is this file with its own data and model.
 """
 
 from __future__ import annotations
@@ -28,6 +28,11 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from ..grids import uniform_t_grid
+from ..losses import denoising_loss
+from ..paths import PATHS, get_path
+from ..predictions import as_denoiser
+from ..samplers import sample
 from . import distributed as D
 from .checkpoint import atomic_write
 from .config import ConfigError, path_field, register_schema
@@ -77,8 +82,8 @@ class PathConfig:
     kind: str = "linear"
 
     def validate(self) -> None:
-        if self.kind not in ("linear", "cosine"):
-            raise ValueError(f"path.kind must be 'linear' or 'cosine', got {self.kind!r}")
+        if self.kind not in PATHS:
+            raise ValueError(f"path.kind must be one of {sorted(PATHS)}, got {self.kind!r}")
 
 
 @dataclass
@@ -158,20 +163,12 @@ class Denoiser(nn.Module):
         return self.net(torch.cat([x, angle.sin(), angle.cos()], dim=1))
 
 
-def alpha_sigma(kind: str, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(alpha(t), sigma(t))``: linear (rectified flow) ``(1 - t, t)``; cosine ``(cos, sin)(pi t / 2)``."""
-    if kind == "linear":
-        return 1.0 - t, t
-    return torch.cos(0.5 * math.pi * t), torch.sin(0.5 * math.pi * t)
-
-
 def make_loss(path: PathConfig, loss: LossConfig):
+    gpath = get_path(path.kind)
+
     def denoise(model: nn.Module, x0: torch.Tensor, g: torch.Generator) -> dict[str, torch.Tensor]:
-        t = torch.rand(x0.shape[0], device=x0.device, generator=g)
-        eps = torch.randn(x0.shape, device=x0.device, generator=g)
-        a, s = alpha_sigma(path.kind, t)
-        xt = a[:, None] * x0 + s[:, None] * eps
-        return {"loss": (model(xt, t) - x0).float().pow(2).mean()}
+        # plain x0-MSE ("snr" weighting) with t uniform on the path's range
+        return {"loss": denoising_loss(model, x0, gpath, prediction="x0", weighting="snr", generator=g)}
 
     def regression(model: nn.Module, x0: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         target = torch.sin(x0.roll(1, dims=1)) + 0.5 * x0
@@ -183,16 +180,12 @@ def make_loss(path: PathConfig, loss: LossConfig):
 @torch.no_grad()
 def ddim_sample(model: nn.Module, kind: str, n: int, dim: int, steps: int, generator: torch.Generator,
                 device: torch.device) -> torch.Tensor:
-    """Deterministic sampling from ``x_1 ~ N(0, I)`` along ``t: 1 -> 0`` with the x0 prediction (DDIM)."""
-    x = torch.randn(n, dim, generator=generator, device=device)
-    ts = torch.linspace(1.0, 0.0, steps + 1, device=device)
-    for t, s in zip(ts[:-1], ts[1:]):
-        a_t, s_t = alpha_sigma(kind, t)
-        a_s, s_s = alpha_sigma(kind, s)
-        x0 = model(x, t.expand(n))
-        eps = (x - a_t * x0) / s_t
-        x = a_s * x0 + s_s * eps
-    return x
+    """Core DDIM from the path's prior at ``t_max`` down to ``t = 0`` with the x0 prediction."""
+    path = get_path(kind)
+    grid = uniform_t_grid(path, steps, t_end=0.0)
+    x = path.prior_sample((n, dim), t=float(grid[0]), generator=generator, device=device)
+    out, _ = sample("ddim", as_denoiser(model, path, "x0"), path, x, grid)
+    return out
 
 
 def make_sample_fn(path: PathConfig, sampler: SamplerConfig, data: torch.Tensor):
