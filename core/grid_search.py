@@ -59,12 +59,13 @@ class GridSearchResult:
     init_error: float
     error: float
     evaluations: int  # sampler runs spent
-    history: list[float] = field(default_factory=list)  # RMS error after each accepted iterate
-    options: dict = field(default_factory=dict)
+    history: list[float] = field(default_factory=list)  # best RMS error after each local search
+    options: dict = field(default_factory=dict)  # the sampler's keyword options
+    pool_error: float | None = None  # RMS error over the whole calibration pool (best_sampler_and_grid)
 
     def __repr__(self) -> str:
         return (
-            f"GridSearchResult(sampler={self.sampler!r}, nfe={self.nfe}, steps={len(self.grid) - 1}, "
+            f"GridSearchResult(sampler={self.sampler!r}, options={self.options}, nfe={self.nfe}, steps={len(self.grid) - 1}, "
             f"init_error={self.init_error:.4g}, error={self.error:.4g}, evaluations={self.evaluations})"
         )
 
@@ -374,7 +375,12 @@ def optimise_grid(
         reference: endpoints ``(n_pool, ...)`` of the pool, or a callable ``(x, t_start) ->
             endpoints``; default :func:`reference_endpoints` with ``reference_options``.
         init: ``"karras"``, ``"logsnr"``, ``"uniform"`` or a grid tensor with the right number of steps.
-        iters: optimiser iterations (L-BFGS) or a multiple of the evaluation budget (derivative-free).
+        iters: optimiser iterations (L-BFGS) or a multiple of the evaluation budget (derivative-free);
+            0 keeps the best of init and the lattice.
+        restarts: local searches, from the best of init and a lattice of Karras grids (other rho,
+            other last noise level); 0 searches from init alone.
+        max_params: above this many interior points the increments move as a piecewise-linear
+            function of the step index with ``max_params`` knots (fewer runs per gradient).
         method: ``"lbfgs"`` (finite-difference gradients), ``"nelder-mead"`` or ``"powell"``.
         sampler_options: keyword options of the sampler (e.g. ``order`` of unipc).
         return_info: also return a :class:`GridSearchResult` with initial and final calibration errors.
@@ -430,21 +436,24 @@ def optimise_grid(
     f0 = loss_of_grid(g0)
     best_grid, best_f = g0, f0
     history = [math.exp(0.5 * f0)]
-    if steps > 1 and iters > 0:
+    if steps > 1:
         # Multi-start: the error is not convex in the grid (at 3-4 steps L-BFGS from Karras stops in
         # a local minimum), so the local search starts from the best of init and a small lattice of
-        # Karras grids with other rho and last non-zero noise levels.
+        # Karras grids with other rho and last non-zero noise levels (``restarts=0``: init only).
         starts = [(f0, g0)]
-        for cand in _lattice(path, steps, lands):
-            if not torch.equal(cand, g0):
-                starts.append((loss_of_grid(cand), cand))
+        if restarts > 0:
+            for cand in _lattice(path, steps, lands):
+                if not torch.equal(cand, g0):
+                    starts.append((loss_of_grid(cand), cand))
         starts = sorted((s for s in starts if math.isfinite(s[0])), key=lambda s: s[0])[: max(1, restarts)]
-        for f_start, g_start in starts:
+        if starts and starts[0][0] < best_f:
+            best_f, best_grid = starts[0]
+        for f_start, g_start in starts if iters > 0 else []:
             param = _GridParam(path, g_start, max_params)
             theta, f = _local_search(param, loss_of_grid, f_start, iters, method, fd_step)
             if f < best_f:
                 best_grid, best_f = param.grid_of(theta), f
-            history.append(math.exp(0.5 * best_f))
+        history.append(math.exp(0.5 * best_f))
 
     grid = best_grid
     if not return_info:
@@ -468,7 +477,7 @@ def best_sampler_and_grid(
     path: GaussianPath,
     nfe: int,
     *,
-    samplers: Sequence[str] | None = None,
+    samplers: Sequence[str | tuple[str, dict]] | None = None,
     shape: Sequence[int] | None = None,
     x_calib: Tensor | None = None,
     n_calib: int = 256,
@@ -477,47 +486,49 @@ def best_sampler_and_grid(
     reference=None,
     reference_options: dict | None = None,
     init="karras",
-    screen_iters: int = 5,
     iters: int = 40,
     method: str = "lbfgs",
     max_params: int | None = 8,
-    restarts: int = 2,
-    sampler_options: dict | None = None,
+    restarts: int = 1,
 ) -> GridSearchResult:
     """AutoDiffusion's joint search at a fixed NFE: the sampler and its grid with the least error.
 
-    Every candidate (default: every registered deterministic sampler with a grid-fixed cost that
-    fits ``nfe``) gets ``screen_iters`` iterations on the shared calibration set; the best one is
-    then optimised for ``iters`` more from where its screening stopped. ``sampler_options`` maps a
-    sampler name to its keyword options. Returns the winner's :class:`GridSearchResult`
-    (``evaluations`` counts the sampler runs of the whole search).
+    Every candidate gets its own :func:`optimise_grid` on one shared calibration pool; a
+    candidate is a sampler name or ``(name, options)`` (e.g. ``("unipc", {"order": 3})``); default:
+    every registered deterministic sampler with a grid-fixed cost that fits ``nfe``. The winner is
+    the candidate whose optimised grid has the least mean squared error over the *whole* pool (one
+    more run each): the stratified losses of the searches are estimates on different subsets, too
+    noisy to rank samplers whose errors are close. Returns the winner's
+    :class:`GridSearchResult` (``options`` holds its sampler options, ``pool_error`` the RMS error
+    that ranked it, ``evaluations`` the sampler runs of the whole search).
     """
     if samplers is None:
         samplers = [n for n, s in SAMPLERS.items() if not s.stochastic and s.nfe is not None]
-    samplers = list(samplers)
-    if not samplers:
+    cands = [(c, {}) if isinstance(c, str) else (c[0], dict(c[1])) for c in samplers]
+    if not cands:
         raise ValueError("no candidate samplers")
-    for name in samplers:
+    for name, _ in cands:
         _check_sampler(name)
+    lands = lands_on_data(path, True)
     fits = []
-    for name in samplers:
+    for name, opts in cands:
         try:
-            steps_for_nfe(name, nfe, final_zero=True)
+            steps_for_nfe(name, nfe, final_zero=lands)
         except ValueError:
             continue
-        fits.append(name)
+        fits.append((name, opts))
     if not fits:
-        raise ValueError(f"no candidate sampler fits an NFE budget of {nfe}: {samplers}")
+        raise ValueError(f"no candidate sampler fits an NFE budget of {nfe}: {[c[0] for c in cands]}")
     first = make_grid(init, path, 1) if isinstance(init, str) else validate_grid(init)
     x = _calibration_noise(path, first, x_calib, shape, n_pool or n_calib, generator)
     if reference is None:
         ref = reference_endpoints(denoiser, path, x, float(first[0]), float(first[-1]), **(reference_options or {}))
     else:
         ref = reference(x, float(first[0])) if callable(reference) else reference
-    opts = sampler_options or {}
-    screened = []
+    ref = torch.as_tensor(ref).to(torch.float64)
+    results = []
     total = 0
-    for name in fits:
+    for name, opts in fits:
         _, info = optimise_grid(
             name,
             denoiser,
@@ -528,33 +539,16 @@ def best_sampler_and_grid(
             n_calib=n_calib,
             generator=generator,
             init=init,
-            iters=screen_iters,
+            iters=iters,
             method=method,
             max_params=max_params,
             restarts=restarts,
-            sampler_options=opts.get(name),
+            sampler_options=opts,
             return_info=True,
         )
-        total += info.evaluations
-        screened.append(info)
-    winner = min(screened, key=lambda r: r.error)
-    _, info = optimise_grid(
-        winner.sampler,
-        denoiser,
-        path,
-        nfe,
-        x_calib=x,
-        reference=ref,
-        n_calib=n_calib,
-        generator=generator,
-        init=winner.grid,
-        iters=iters,
-        method=method,
-        max_params=max_params,
-        restarts=1,
-        sampler_options=opts.get(winner.sampler),
-        return_info=True,
-    )
-    info.init_grid, info.init_error = winner.init_grid, winner.init_error
-    info.evaluations += total
-    return info
+        info.pool_error = grid_error(name, denoiser, path, info.grid, x, ref, **opts)
+        total += info.evaluations + 1
+        results.append(info)
+    winner = min(results, key=lambda r: r.pool_error)
+    winner.evaluations = total
+    return winner

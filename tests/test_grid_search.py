@@ -168,6 +168,8 @@ def test_bad_input_raises():
         optimise_grid("euler", D, EDM, 5, reference=torch.zeros(3, 2), **kw)
     with pytest.raises(ValueError, match="fits"):
         best_sampler_and_grid(D, EDM, 2, samplers=["heun"], **kw)
+    with pytest.raises(ValueError, match="stochastic"):
+        best_sampler_and_grid(D, EDM, 5, samplers=["unipc", "pc"], **kw)
 
 
 @pytest.mark.parametrize(
@@ -209,19 +211,25 @@ def test_best_sampler_and_grid_picks_a_candidate_no_worse_than_karras():
     mix = _mixture()
     D = mix.denoiser(EDM)
     gen = torch.Generator().manual_seed(0)
+    x = 80.0 * torch.randn(192, 2, generator=gen, dtype=torch.float64)
+    ref = reference_endpoints(D, EDM, x, 1.0)
+    cands = [("ddim", {}), ("dpmpp_2m", {}), ("unipc", {"order": 3})]
     res = best_sampler_and_grid(
         D,
         EDM,
         6,
-        samplers=["ddim", "dpmpp_2m", "unipc"],
-        shape=(2,),
+        samplers=["ddim", "dpmpp_2m", ("unipc", {"order": 3})],
+        x_calib=x,
+        reference=ref,
         n_calib=96,
         generator=gen,
-        screen_iters=1,
         iters=4,
         max_params=4,
-        restarts=1,
     )
-    assert res.sampler in ("ddim", "dpmpp_2m", "unipc")
+    assert (res.sampler, res.options) in cands
     assert res.error <= res.init_error
     assert res.nfe == 6 and len(res.grid) == 7
+    # the winner is ranked on the whole pool, and beats every candidate's Karras grid there
+    assert res.pool_error == pytest.approx(grid_error(res.sampler, D, EDM, res.grid, x, ref, **res.options))
+    for name, opts in cands:
+        assert res.pool_error < grid_error(name, D, EDM, karras_grid(EDM, 6), x, ref, **opts)
