@@ -169,8 +169,9 @@ def steps_for_budget(nfe_of_steps: Callable[[int], int], budget: int) -> int | N
 def run_k_diffusion(name: str, denoiser: EdmDenoiser, x: Tensor, steps: int, seed: int = 0) -> tuple[Tensor, int]:
     """Run k-diffusion sampler ``name`` (a key of :data:`KD_SAMPLERS`) on ``steps`` Karras steps.
 
-    The SDE samplers draw their Brownian motion from a ``BrownianTreeNoiseSampler`` seeded with
-    ``seed`` so that a run is reproducible.
+    The SDE samplers draw their noise from a ``torch.Generator`` seeded with ``seed`` (independent
+    standard normals per step, which is what their default noise sampler draws, made
+    reproducible; k-diffusion's Brownian-tree sampler gives the same law at 10x the cost here).
     """
     kd = load_k_diffusion_sampling()
     fn_name, _, extra = KD_SAMPLERS[name]
@@ -178,8 +179,10 @@ def run_k_diffusion(name: str, denoiser: EdmDenoiser, x: Tensor, steps: int, see
     model = CountingDenoiser(denoiser)
     kwargs = dict(extra)
     if name.endswith("_sde"):
-        s_min, s_max = sigmas[sigmas > 0].min(), sigmas.max()
-        kwargs["noise_sampler"] = kd.BrownianTreeNoiseSampler(x, s_min, s_max, seed=seed)
+        gen = torch.Generator(device=x.device).manual_seed(seed)
+        kwargs["noise_sampler"] = lambda sigma, sigma_next: torch.randn(
+            x.shape, generator=gen, dtype=x.dtype, device=x.device
+        )
     out = getattr(kd, fn_name)(model, x.clone(), sigmas, disable=True, **kwargs)
     return out, model.nfe
 

@@ -236,6 +236,9 @@ def run_dimension(
                 n_calib=n_calib,
                 generator=torch.Generator().manual_seed(CALIB_SEED + b),
                 **search,
+                # with at most 5 interior points the loss has several local minima and runs are
+                # cheap: local searches from the three best starts instead of one
+                restarts=3 if b <= 6 else 1,
             )
             label = res.sampler + "".join(f" {k}={v}" for k, v in res.options.items())
             _record(row, b, SAMPLERS[res.sampler].fn(D, path, x, res.grid, **res.options), score, label)
@@ -368,11 +371,11 @@ def main(argv=None) -> int:
         torch.set_num_threads(a.threads)
     if a.quick:
         n, n_pool, n_calib = a.n or 256, 512, 128
-        search = {"iters": 3, "max_params": 4, "restarts": 1}
+        search = {"iters": 3, "max_params": 4}
         budgets = tuple(int(v) for v in a.nfe.split(",")) if a.nfe else (5, 10, 20)
     else:
         n, n_pool, n_calib = a.n or 4096, 8192, 1024
-        search = {"iters": 15, "max_params": 8, "restarts": 1}
+        search = {"iters": 15, "max_params": 8}
         budgets = tuple(int(v) for v in a.nfe.split(",")) if a.nfe else NFES
     optimise_budgets = () if a.no_optimise else budgets
     dims = [int(v) for v in a.dims.split(",")]

@@ -163,14 +163,20 @@ def main(argv=None):
     mem = {(lib, mode): _spawn(_memory, lib, mode, args) for mode in ("train", "sample") for lib in LIBRARIES}
 
     B = args["batch"]
-    print(f"{args['config']}, batch {B}, {args['input_size']}x{args['input_size']}x4 latents, "
-          f"{args['threads']} CPU threads, torch {torch.__version__}; median of {args['steps']} interleaved steps")
-    print(f"{'':10s} {'params':>8s} {'train samples/s':>16s} {'train peak MiB':>15s} "
-          f"{'sample samples/s':>17s} {'sample peak MiB':>16s}")
+    print(
+        f"{args['config']}, batch {B}, {args['input_size']}x{args['input_size']}x4 latents, "
+        f"{args['threads']} CPU threads, torch {torch.__version__}; median of {args['steps']} interleaved steps"
+    )
+    print(
+        f"{'':10s} {'params':>8s} {'train samples/s':>16s} {'train peak MiB':>15s} "
+        f"{'sample samples/s':>17s} {'sample peak MiB':>16s}"
+    )
     for lib in LIBRARIES:
         tr, sa = statistics.median(times["train"][lib]), statistics.median(times["sample"][lib])
-        print(f"{lib:10s} {mem[(lib, 'train')]['params'] / 1e6:7.2f}M {B / tr:16.2f} "
-              f"{mem[(lib, 'train')]['peak']:15.0f} {B / sa:17.2f} {mem[(lib, 'sample')]['peak']:16.0f}")
+        print(
+            f"{lib:10s} {mem[(lib, 'train')]['params'] / 1e6:7.2f}M {B / tr:16.2f} "
+            f"{mem[(lib, 'train')]['peak']:15.0f} {B / sa:17.2f} {mem[(lib, 'sample')]['peak']:16.0f}"
+        )
 
     def speed(mode):  # median over rounds of diffusers time / polydiff time
         return statistics.median(d / p for p, d in zip(times[mode]["polydiff"], times[mode]["diffusers"]))
@@ -178,10 +184,14 @@ def main(argv=None):
     def memory(mode):
         return mem[("polydiff", mode)]["peak"] / mem[("diffusers", mode)]["peak"]
 
-    print(f"{'ratio':10s} {'':8s} {speed('train'):15.2f}x {memory('train'):14.2f}x "
-          f"{speed('sample'):16.2f}x {memory('sample'):15.2f}x")
-    print("ratio: polydiff / diffusers; throughput (median of per-round ratios) higher is better, "
-          "peak memory lower is better")
+    print(
+        f"{'ratio':10s} {'':8s} {speed('train'):15.2f}x {memory('train'):14.2f}x "
+        f"{speed('sample'):16.2f}x {memory('sample'):15.2f}x"
+    )
+    print(
+        "ratio: polydiff / diffusers; throughput (median of per-round ratios) higher is better, "
+        "peak memory lower is better"
+    )
 
 
 if __name__ == "__main__":
