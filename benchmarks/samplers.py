@@ -159,16 +159,26 @@ def _pick_adaptive(runs, budget):
 
 
 def run_dimension(
-    dim: int, n: int, n_pool: int, n_calib: int, budgets, optimise_budgets, search: dict, log, check_adapters=True
+    dim: int,
+    n: int,
+    n_pool: int,
+    n_calib: int,
+    budgets,
+    optimise_budgets,
+    search: dict,
+    log,
+    check_adapters=True,
+    mixture_seed: int = MIXTURE_SEED,
+    eval_seed: int = EVAL_SEED,
 ):
     path = EDMPath(sigma_max=SIGMA_MAX, sigma_min=peers.SIGMA_MIN)
-    mix = GaussianMixture.random(dim=dim, n_components=8, seed=MIXTURE_SEED)
+    mix = GaussianMixture.random(dim=dim, n_components=8, seed=mixture_seed)
     D = fast_mixture_denoiser(mix, path)
 
     def D_edm(x, sigma):  # the peers' denoiser in sigma
         return D(x, sigma / SIGMA_MAX)
 
-    g = torch.Generator().manual_seed(EVAL_SEED)
+    g = torch.Generator().manual_seed(eval_seed)
     x = SIGMA_MAX * torch.randn(n, dim, generator=g, dtype=torch.float64)
     exact = mix.sample(n, generator=g, dtype=torch.float64)
     probe = 3.0 * torch.randn(64, dim, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
@@ -182,7 +192,7 @@ def run_dimension(
     ref = pf_ode_reference(D, x, 1e-10)
     ref_check = pf_ode_reference(D, x, 1e-8)
     log(
-        f"\n=== d={dim}: {n} samples, Gaussian mixture with 8 components (seed {MIXTURE_SEED}), EDM path sigma_max=80 ==="
+        f"\n=== d={dim}: {n} samples, Gaussian mixture with 8 components (seed {mixture_seed}), EDM path sigma_max=80 ==="
     )
     log(
         f"reference: dopri8 in log sigma, rtol=atol=1e-10; max |x_ref(1e-10) - x_ref(1e-8)| = "
@@ -258,7 +268,7 @@ def run_dimension(
             for b in budgets:
                 steps = peers.steps_for_budget(cost, b)
                 if steps is not None:
-                    _record(row, b, peers.run_k_diffusion(name, D_edm, x, steps, seed=EVAL_SEED), score)
+                    _record(row, b, peers.run_k_diffusion(name, D_edm, x, steps, seed=eval_seed), score)
             rows.append(row)
         row = Row("k-diffusion dpm_adaptive", "peer")
         span = math.log(SIGMA_MAX / peers.SIGMA_MIN)
@@ -366,6 +376,8 @@ def main(argv=None) -> int:
     p.add_argument("--nfe", default=None, help="comma-separated budgets (default 4,5,6,8,10,15,20,35,50)")
     p.add_argument("--no-optimise", action="store_true", help="skip the grid search")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--mixture-seed", type=int, default=MIXTURE_SEED, help=f"mixture seed (default {MIXTURE_SEED})")
+    p.add_argument("--eval-seed", type=int, default=EVAL_SEED, help=f"evaluation noise seed (default {EVAL_SEED})")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -388,7 +400,9 @@ def main(argv=None) -> int:
     t_all = time.time()
     worst: dict[int, float] = {}
     for dim in dims:
-        rows = run_dimension(dim, n, n_pool, n_calib, budgets, optimise_budgets, search, log, not a.quick)
+        rows = run_dimension(
+            dim, n, n_pool, n_calib, budgets, optimise_budgets, search, log, not a.quick, a.mixture_seed, a.eval_seed
+        )
         r = ratios(rows, budgets)
         log(
             f"\nd={dim} ratio polydiff_best/peer_best endpoint error: "
