@@ -6,28 +6,35 @@ FID and searches with an evolutionary algorithm. For a deterministic sampler the
 score: the probability-flow ODE maps each starting noise to one endpoint, so a grid can be judged
 by how far the sampler lands from an accurate solve of the *same* ODE from the *same* noise
 (the teacher trajectories of GITS, Chen et al. 2024, and of Align Your Steps, Sabour et al. 2024).
-That error is a smooth function of the grid times, so a local optimiser started from the Karras
-grid converges in tens of iterations:
+That error is a smooth function of the grid times, which a local optimiser can follow:
 
     grid* = argmin_grid  mean_{z in calibration}  || sampler(D, x_T(z), grid) - ODE(D, x_T(z)) ||^2
 
 - calibration noise is drawn from the caller's generator (keep it apart from evaluation noise);
   the reference endpoints come from core's ``dopri5`` at tight tolerance on the same path, run
-  down to ``sigma_hat`` a thousand times below the grid's last non-zero level and finished with
-  the exact ``sigma -> 0`` step (:func:`reference_endpoints`);
+  down to ``sigma_hat = 1e-6`` and finished with the exact step onto sigma = 0
+  (:func:`reference_endpoints`), or are given by the caller;
 - the first and last grid points stay where they are (the start of the noise, and t = 0 or the
   path's last time); the interior points are parametrised by their half log-SNR
   ``lambda = log(alpha / sigma)`` through positive increments ``exp(theta)`` (a softmax of the
   span when both ends are finite), so every parameter vector is a strictly decreasing grid with
-  the same number of steps and hence the same NFE;
+  the same number of steps and hence the same NFE. Above ``max_params`` interior points the
+  log-increments move as a piecewise-linear function of the step index;
 - the loss is ``log`` of the mean squared endpoint error, minimised by L-BFGS with forward
-  finite-difference gradients in float64 (each costs ``steps`` sampler runs). The samplers of
+  finite-difference gradients in float64 (one sampler run per parameter). The samplers of
   :mod:`core.samplers.ode` turn path coefficients into Python floats, so autograd cannot reach
   the grid; finite differences of the real sampler need neither that nor a differentiable
-  denoiser. ``method="nelder-mead"`` or ``"powell"`` select scipy's derivative-free searches.
+  denoiser. ``method="nelder-mead"`` selects scipy's derivative-free simplex search instead;
+- the loss is not convex (with 3-5 interior points L-BFGS from the Karras grid stops in a local
+  minimum), so the search starts from the best of the init grid and a small lattice of Karras
+  grids with other rho and last non-zero noise level (``restarts`` of them);
+- the per-noise error of a few-step sampler is heavy-tailed (noises near the boundary between
+  two modes land in the other mode), so a calibration pool larger than ``n_calib`` is
+  stratified: its worst quarter under the init grid is always in the loss, the rest is
+  subsampled and reweighted (an unbiased estimate of the pool's mean).
 
-:func:`best_sampler_and_grid` adds AutoDiffusion's other axis at a fixed NFE: which sampler,
-with its own optimised grid, lands closest.
+:func:`best_sampler_and_grid` adds AutoDiffusion's other axis at a fixed NFE: which sampler (and
+sampler options), with its own optimised grid, lands closest on the whole calibration pool.
 """
 
 from __future__ import annotations
@@ -92,16 +99,16 @@ def reference_endpoints(
     """Accurate probability-flow ODE endpoints from ``x`` at ``t_start`` to ``t_end`` (float64).
 
     Runs core's adaptive ``dopri5`` at ``rtol``/``atol``. Where ``t_end`` is data (sigma = 0) the
-    ODE is integrated down to ``sigma_hat_stop`` (default 1e-6 times ``sigma_hat(t_start)``,
-    floored at 1e-8) and finished with the exact step onto sigma = 0, ``alpha(0) D``, whose error
-    is of order ``sigma_hat_stop^2`` over the data variance.
+    ODE is integrated down to ``sigma_hat_stop`` (default ``1e-6 * min(sigma_hat(t_start), 1)``,
+    so 1e-6 from any start at unit noise or above) and finished with the exact step onto sigma = 0,
+    ``alpha(0) D``, whose error is of order ``sigma_hat_stop^2`` over the data variance.
     """
     x = x.to(torch.float64)
     t_start, t_end = float(t_start), float(t_end)
     sig_end = float(path.sigma(torch.tensor(t_end, dtype=torch.float64)))
     if sig_end == 0.0:
         s0 = float(path.sigma_hat(torch.tensor(t_start, dtype=torch.float64)))
-        stop = sigma_hat_stop if sigma_hat_stop is not None else max(1e-6 * min(s0, 1.0), 1e-8)
+        stop = sigma_hat_stop if sigma_hat_stop is not None else 1e-6 * min(s0, 1.0)
         t_stop = float(path.t_from_sigma(torch.tensor(stop, dtype=torch.float64)))
         if not (t_end < t_stop < t_start):
             raise ValueError(f"sigma_hat_stop={stop} does not lie between t_end={t_end} and t_start={t_start}")
@@ -329,11 +336,12 @@ def _local_search(param: _GridParam, loss_of_grid, f_start: float, iters: int, m
             f = loss(c)
             return f if math.isfinite(f) else 1e300
 
-        budget = iters * (param.n_params + 1)
-        if method == "nelder-mead":
-            minimize(fun, c0, method="Nelder-Mead", options={"maxfev": budget, "xatol": 1e-6, "fatol": 1e-9})
-        else:
-            minimize(fun, c0, method="Powell", options={"maxfev": budget, "xtol": 1e-6, "ftol": 1e-9})
+        # about the runs of as many L-BFGS iterations (a gradient plus a line search each); scipy's
+        # default simplex around 0 is 0.00025 wide, half a unit of log-increment is a step the loss resolves
+        budget = 2 * iters * (param.n_params + 1)
+        simplex = np.vstack([c0, c0 + 0.5 * np.eye(param.n_params)])
+        options = {"maxfev": budget, "xatol": 1e-6, "fatol": 1e-9, "initial_simplex": simplex}
+        minimize(fun, c0, method="Nelder-Mead", options=options)
     return best["c"], best["f"]
 
 
@@ -375,13 +383,13 @@ def optimise_grid(
         reference: endpoints ``(n_pool, ...)`` of the pool, or a callable ``(x, t_start) ->
             endpoints``; default :func:`reference_endpoints` with ``reference_options``.
         init: ``"karras"``, ``"logsnr"``, ``"uniform"`` or a grid tensor with the right number of steps.
-        iters: optimiser iterations (L-BFGS) or a multiple of the evaluation budget (derivative-free);
+        iters: L-BFGS iterations per local search (Nelder-Mead: ``2 iters (params + 1)`` runs);
             0 keeps the best of init and the lattice.
         restarts: local searches, from the best of init and a lattice of Karras grids (other rho,
             other last noise level); 0 searches from init alone.
         max_params: above this many interior points the increments move as a piecewise-linear
             function of the step index with ``max_params`` knots (fewer runs per gradient).
-        method: ``"lbfgs"`` (finite-difference gradients), ``"nelder-mead"`` or ``"powell"``.
+        method: ``"lbfgs"`` (finite-difference gradients) or ``"nelder-mead"`` (derivative-free).
         sampler_options: keyword options of the sampler (e.g. ``order`` of unipc).
         return_info: also return a :class:`GridSearchResult` with initial and final calibration errors.
 
@@ -390,8 +398,8 @@ def optimise_grid(
     ``init``: if the search does not improve, ``init`` comes back.
     """
     _check_sampler(sampler)
-    if method not in ("lbfgs", "nelder-mead", "powell"):
-        raise ValueError(f"unknown method {method!r}; choose 'lbfgs', 'nelder-mead' or 'powell'")
+    if method not in ("lbfgs", "nelder-mead"):
+        raise ValueError(f"unknown method {method!r}; choose 'lbfgs' or 'nelder-mead'")
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
         raise ValueError(f"iters must be a non-negative integer, got {iters!r}")
     lands = lands_on_data(path, True)

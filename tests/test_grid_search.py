@@ -233,3 +233,23 @@ def test_best_sampler_and_grid_picks_a_candidate_no_worse_than_karras():
     assert res.pool_error == pytest.approx(grid_error(res.sampler, D, EDM, res.grid, x, ref, **res.options))
     for name, opts in cands:
         assert res.pool_error < grid_error(name, D, EDM, karras_grid(EDM, 6), x, ref, **opts)
+
+
+def test_derivative_free_method_also_improves(held_out):
+    mix, x, ref = held_out
+    D = mix.denoiser(EDM)
+    grid, info = optimise_grid(
+        "dpmpp_2m",
+        D,
+        EDM,
+        5,
+        shape=(2,),
+        n_calib=64,
+        generator=torch.Generator().manual_seed(0),
+        iters=10,
+        method="nelder-mead",
+        restarts=0,
+        return_info=True,
+    )
+    assert info.error < 0.7 * info.init_error
+    assert grid_error("dpmpp_2m", D, EDM, grid, x, ref) < grid_error("dpmpp_2m", D, EDM, karras_grid(EDM, 5), x, ref)
