@@ -112,6 +112,8 @@ def uniform_t_grid(
     final_zero = lands_on_data(path, final_zero)
     t0 = path.t_max if t_start is None else float(t_start)
     t1 = path.t_min if t_end is None else float(t_end)
+    if final_zero and t1 <= 0.0:  # the uniform grid already ends on data: nothing to append
+        final_zero = False
     n = steps if final_zero else steps + 1
     if final_zero and n == 1:
         return _finish(path, torch.tensor([t0], dtype=torch.float64), True)
