@@ -24,15 +24,6 @@ needs_kd = pytest.mark.skipif(not peers.k_diffusion_available(), reason="k-diffu
 PATH = EDMPath()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors: a second intra-op thread only adds synchronisation on a busy machine
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
-
 @pytest.fixture(scope="module")
 def setup():
     mix = GaussianMixture.random(dim=3, n_components=4, seed=11)

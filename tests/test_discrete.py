@@ -35,16 +35,6 @@ torch.set_default_dtype(torch.float32)
 D64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _deterministic_threads():
-    """Overrides conftest's two threads: nothing here is compared bitwise with a fixture, the
-    tensors are small, and one thread avoids oversubscription stalls on a busy 2-core runner."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
-
 def make(name, V=5):
     return (Absorbing(V), LogLinear(1e-3)) if name == "absorb" else (Uniform(V), Geometric(1e-4, 20.0))
 

@@ -51,16 +51,6 @@ ATOL, RTOL = 1e-5, 1e-4
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: on a busy 2-core machine the hand-off to a second thread costs milliseconds per op.
-    # The README found the GDSS fixtures bitwise identical with 1 and 2 threads.
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
-
 @pytest.fixture(scope="module")
 def ref():
     return load_fixture("gdss_reference.pt")

@@ -47,14 +47,6 @@ from graph.utils import gen_noise, node_flags, pow_tensor
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
-
 def random_flags(b, n, g, min_nodes=2):
     sizes = torch.randint(min_nodes, n + 1, (b,), generator=g)
     return (torch.arange(n).expand(b, n) < sizes[:, None]).to(F64)

@@ -26,16 +26,6 @@ from core.samplers import SAMPLERS
 EDM = EDMPath()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Thousands of denoiser calls on (128, 4, 2) tensors: a second intra-op thread only adds
-    # synchronisation, which on a busy machine costs more than the arithmetic.
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
-
 def _mixture():
     return GaussianMixture.random(dim=2, n_components=4, seed=3)
 
@@ -58,12 +48,7 @@ def _dopri8_reference(mix, x, sigma_end=1e-6):
 def held_out():
     mix = _mixture()
     x = 80.0 * torch.randn(256, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)  # module fixtures run outside _one_thread
-    try:
-        return mix, x, _dopri8_reference(mix, x)
-    finally:
-        torch.set_num_threads(prev)
+    return mix, x, _dopri8_reference(mix, x)
 
 
 def test_reference_endpoints_match_closed_form_single_gaussian():

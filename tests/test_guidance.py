@@ -23,15 +23,6 @@ K = 3  # classes; label K is the null label
 PRIOR = torch.tensor([0.3, 0.3, 0.4], dtype=torch.float64)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(_deterministic_threads):
-    # Many tiny tensor ops: a second intra-op thread only adds synchronisation (slow on a busy machine).
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
-
 @pytest.fixture(scope="module")
 def mixtures():
     g = torch.Generator().manual_seed(0)

@@ -27,15 +27,6 @@ GAUSS = GaussianMixture(
 MIX = GaussianMixture.random(2, 4, seed=11, var_range=(0.05, 0.3))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # small tensors: one thread avoids OpenMP contention on a busy machine
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
-
 def t_start_of(path) -> float:
     """log_likelihood's default t_start: t_min, or 1e-5 where sigma(t_min) = 0."""
     return path.t_min if float(path.sigma(torch.tensor(path.t_min, dtype=torch.float64))) > 0 else 1e-5

@@ -34,16 +34,6 @@ WEIGHTING_NAMES = sorted(set(WEIGHTINGS) - {"x0"})  # "x0" is an alias of "snr"
 N = 8192
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(_deterministic_threads):
-    # Thousands of small elementwise ops: a second intra-op thread only adds synchronisation, which
-    # costs milliseconds per op on a busy machine. (Runs after conftest's two-thread fixture.)
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
-
 @pytest.fixture(scope="module")
 def mixture():
     return GaussianMixture.random(2, 3, seed=1)

@@ -27,16 +27,6 @@ ODE = FIXED + ["dopri5"]
 ALL_PATHS = ["vp", "subvp", "cosine", "ve", "edm", "linear", "gvp"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The oracle works on (16, 3) tensors: with two threads on a busy 2-core machine the thread-pool
-    # hand-off of each tiny op costs milliseconds; one thread keeps this module at a few seconds.
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
-
 def t64(v) -> torch.Tensor:
     return torch.tensor(v, dtype=F64)
 

@@ -39,16 +39,6 @@ FACTOR = 2.0
 MIXTURES = {2: GaussianMixture.random(2, 6, seed=3), 16: GaussianMixture.random(16, 5, seed=4)}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The tensors here are small (4000 x 16); on a busy CI machine two OpenMP threads contend
-    # and run one sampler 10-40x slower than one thread does.
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
-
 def sw(a: torch.Tensor, b: torch.Tensor) -> float:
     # the same 256 directions for every comparison
     return sliced_wasserstein(a, b, n_proj=256, generator=torch.Generator().manual_seed(0))
