@@ -21,7 +21,14 @@ from pathlib import Path
 import torch
 
 from .data import chunk_tokens, encode_documents, load_corpus, split_documents
-from .metrics import ar_perplexity, diffusion_nll_bound, generative_perplexity, sampling_speed, unigram_entropy
+from .metrics import (
+    ar_perplexity,
+    difformer_nll_bound,
+    diffusion_nll_bound,
+    generative_perplexity,
+    sampling_speed,
+    unigram_entropy,
+)
 from .sample import load_run, sample_ar, sample_diffusion
 
 
@@ -35,7 +42,7 @@ def validation_chunks(info: dict, tokenizer) -> torch.Tensor:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m text.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--sedd"), p.add_argument("--radd"), p.add_argument("--ar", required=True)
-    p.add_argument("--difformer", help="embedding diffusion run: samples only (no likelihood bound here)")
+    p.add_argument("--difformer", help="embedding diffusion run (VDM bound, samples)")
     p.add_argument("--step", type=int, default=None, help="evaluate the EMA of this checkpoint step in every run")
     p.add_argument("--val-chunks", type=int, default=256, help="validation chunks (evenly spaced) to score")
     p.add_argument("--bound-samples", type=int, default=4, help="stratified times per chunk in the ELBO estimate")
@@ -84,7 +91,11 @@ def main(argv: list[str] | None = None) -> dict:
             raise ValueError(f"{a.difformer!r} was trained on other data or another tokenizer than {a.ar!r}")
         xs, nfe = sample_diffusion(m, a.num_samples, L, a.steps, generator=torch.Generator().manual_seed(a.seed))
         ent = unigram_entropy(xs, tok.vocab_size)
-        res["difformer"] = {"gen_ppl": generative_perplexity(ar, xs), "sample_entropy": ent, "nfe": float(nfe[0]),
+        b = difformer_nll_bound(m, val, samples=a.bound_samples, generator=torch.Generator().manual_seed(a.seed))
+        res["difformer"] = {"perplexity_bound": math.exp(b["nll"]), "nll_bound": b["nll"], "nll_stderr": b["stderr"],
+                            "nll_terms": {k: b[k] for k in ("recon", "prior", "diffusion")},
+                            "ratio_to_ar": math.exp(b["nll"]) / res["ar"]["perplexity"],
+                            "gen_ppl": generative_perplexity(ar, xs), "sample_entropy": ent, "nfe": float(nfe[0]),
                             "entropy_rel_diff": abs(ent - data_entropy) / data_entropy,
                             "sample": tok.decode(xs[0].tolist())}
     res["ar"]["entropy_rel_diff"] = abs(res["ar"]["sample_entropy"] - data_entropy) / data_entropy
