@@ -1,0 +1,286 @@
+"""Class-conditional sampling from ``image.train`` runs, and the ``python -m image.sample`` command.
+
+    python -m image.sample --run outputs/image/sit --sampler heun --nfe 20 --cfg-scale 3 --out grid.png
+    python -m image.sample --run outputs/image/dit --sampler ddpm --nfe 50 --cfg-scale 2 --interval 0.1 0.8
+
+- :func:`generate` (also used by ``python -m image.evaluate``): ``n_per_class`` samples of every
+  class as uint8 images ``(N, C, H, W)`` and their labels, decoded from latents when the run is
+  latent.
+- Any core sampler by name (``core.samplers.SAMPLERS``: euler, heun, ddim, dpmpp_2m, dpmpp_3m,
+  unipc, dopri5, euler_maruyama, ancestral, pc, adaptive_sde) on the model's path, plus ``ddpm``:
+  DiT's own ancestral sampler with its learned variance on a respaced DDPM (DiT models only).
+- ``nfe`` is the sampler's budget of denoiser evaluations; with classifier-free guidance a guided
+  evaluation costs two network passes over the batch (``network_evals`` in :func:`generate`'s
+  info). Guidance (``core.guidance``): ``cfg_scale`` (1 = conditional model), ``interval`` (guide
+  only for polydiff times ``t`` in ``[t_lo, t_hi]``, Kynkaanniemi et al. 2024), ``adaptive_gamma``
+  (Adaptive Guidance, Castillo et al. 2023: stop guiding a sample once its conditional and
+  unconditional predictions have cosine similarity above gamma).
+- :func:`save_grid`: a PNG grid, one row per class.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from core.guidance import GuidedDenoiser, cfg_net
+from core.predictions import as_denoiser
+from core.samplers import SAMPLERS, sample
+from core.samplers.registry import steps_for_nfe
+
+from .model import ImageDiffusion, config_from_dict
+
+__all__ = ["load_run", "generate", "sample_latents", "save_grid", "main"]
+
+
+def _run_dir(checkpoint_path: str | Path) -> tuple[Path, Path | None]:
+    """(run directory holding run.json, weights file or None for 'newest in the run')."""
+    p = Path(checkpoint_path)
+    if not p.exists():
+        raise ValueError(f"checkpoint_path does not exist: {str(p)!r}")
+    if p.is_dir():
+        if not (p / "run.json").is_file():
+            raise ValueError(f"{p} holds no run.json: not an image.train run directory")
+        return p, None
+    for d in (p.parent, p.parent.parent):
+        if (d / "run.json").is_file():
+            return d, p
+    raise ValueError(f"no run.json beside {p} or its parent: not an image.train checkpoint")
+
+
+def _weights(run: Path, file: Path | None, use_ema: bool) -> dict[str, Tensor]:
+    from safetensors.torch import load_file
+
+    from core.engine.checkpoint import list_checkpoints, load_checkpoint
+
+    if file is None:
+        emas = sorted(run.glob("ema_*.safetensors"))
+        if use_ema and emas:
+            return load_file(str(emas[0]))
+        ckpts = list_checkpoints(run / "checkpoints")
+        if not ckpts:
+            raise ValueError(f"run {run} has no exported weights and no checkpoint")
+        file = ckpts[-1][1]
+    if file.suffix == ".safetensors":
+        return load_file(str(file))
+    state = load_checkpoint(file)
+    if use_ema and state.get("ema"):
+        shadows = state["ema"]["shadows"]
+        return shadows[sorted(shadows)[0]]
+    return state["model"]
+
+
+def load_run(checkpoint_path: str | Path, use_ema: bool = True, device: str | torch.device = "cpu"):
+    """``(model, info, codec)`` of a run: the :class:`ImageDiffusion` in eval mode, ``run.json`` and the
+    latent codec (``None`` for a pixel-space run; else an object with ``decode(z) -> [-1, 1] images``).
+
+    ``checkpoint_path``: the run directory (EMA export if any, else the newest checkpoint), a
+    ``checkpoints/ckpt_*.pt`` file or an ``ema_*.safetensors`` file of the run.
+    """
+    run, file = _run_dir(checkpoint_path)
+    info = json.loads((run / "run.json").read_text())
+    cfg = config_from_dict(info["model"])
+    model = ImageDiffusion(cfg, tuple(info["input_size"]), info["in_channels"], info["num_classes"],
+                           encoder_dim=info.get("encoder_dim", 0))
+    sd = _weights(run, file, use_ema)
+    # EMA exports carry non-persistent buffers too (rebuilt tables): drop those
+    persistent = set(model.state_dict())
+    sd = {k: v for k, v in sd.items() if k in persistent or k not in dict(model.named_buffers())}
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"weights of {run} do not fit its run.json: missing {missing}, unexpected {unexpected}")
+    model.to(device).eval()
+    codec = None
+    if info.get("latent"):
+        from .autoencoder import load_codec
+
+        codec = load_codec(info["latent"], device=device)
+    return model, info, codec
+
+
+def _start_noise(model: ImageDiffusion, shape, grid: Tensor, generator, device) -> Tensor:
+    return model.path.prior_sample(shape, t=float(grid[0]), generator=generator, device=device)
+
+
+@torch.no_grad()
+def sample_latents(model: ImageDiffusion, labels: Tensor, *, sampler: str = "heun", nfe: int = 20,
+                   cfg_scale: float = 1.0, interval=None, adaptive_gamma: float | None = None,
+                   grid_kind: str | None = None, generator: torch.Generator | None = None,
+                   **sampler_options) -> tuple[Tensor, dict]:
+    """Samples ``(B, C, H, W)`` in the model's space (before ``signal_scale`` is undone) for ``labels``.
+
+    Returns the samples and ``{"nfe": sampler evaluations, "network_evals": network passes over the
+    batch}``.
+    """
+    device = next(model.parameters()).device
+    labels = labels.to(device)
+    B = labels.shape[0]
+    shape = (B, model.in_channels, *model.input_size)
+    if sampler == "ddpm":
+        return _sample_ddpm(model, labels, nfe, cfg_scale, interval, adaptive_gamma, generator, shape)
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose 'ddpm' or one of {sorted(SAMPLERS)}")
+    if cfg_scale == 1.0 and interval is None and adaptive_gamma is None:
+        guided = None
+        def net(x, t):
+            return model(x, t, labels)
+    else:
+        guided = cfg_net(model, labels, model.null_label, cfg_scale, interval, gamma=adaptive_gamma)
+        net = guided
+    den = as_denoiser(net, model.path, model.prediction)
+    from core.grids import lands_on_data, make_grid
+
+    spec = SAMPLERS[sampler]
+    final_zero = lands_on_data(model.path, True)
+    grid = make_grid(grid_kind or spec.default_grid, model.path, steps_for_nfe(sampler, nfe, final_zero=final_zero),
+                     final_zero=final_zero)
+    x = _start_noise(model, shape, grid, generator, device)
+    out, used = sample(sampler, den, model.path, x, grid, generator=generator, **sampler_options)
+    evals = guided.nfe if guided is not None else used
+    return out, {"nfe": int(used), "network_evals": int(evals)}
+
+
+def _sample_ddpm(model, labels, nfe, cfg_scale, interval, gamma, generator, shape):
+    """DiT's sampler: ancestral steps of a DDPM respaced to ``nfe`` evenly spaced steps, with the learned
+    variance; guidance mixes the eps channels only (the conditional variance is kept, as in DiT)."""
+    if model.kind != "dit":
+        raise ValueError("sampler 'ddpm' needs a DiT model (kind=dit); use a core sampler for SiT")
+    T = model.ddpm.num_timesteps
+    if not 1 <= nfe <= T:
+        raise ValueError(f"nfe must be in [1, {T}] for the ddpm sampler, got {nfe}")
+    kept = np.round(np.linspace(0, T - 1, nfe)).astype(int).tolist()
+    proc = model.ddpm.respace(kept)
+    C = model.in_channels
+    learn_sigma = model.cfg.learn_sigma
+
+    def raw(x, t, y):  # t: continuous times of the original steps; back to steps exactly
+        steps = (t.double() * T).round().long() - 1
+        return model(x, steps, y, raw=True)
+
+    def cond(x, t):
+        return raw(x, t, labels)
+
+    def pair(x, t, mask):
+        xs, ts = x[mask], t[mask]
+        out = raw(torch.cat([x, xs]), torch.cat([t, ts]), torch.cat([labels, torch.full_like(labels[mask], model.null_label)]))
+        c, u = out[: x.shape[0]], out[x.shape[0]:]
+        if learn_sigma:  # guidance of eps only: give the uncond half the cond variance channels
+            u = torch.cat([u[:, :C], c[mask][:, C:]], dim=1)
+        return c, u
+
+    guided = GuidedDenoiser(cond, pair, cfg_scale, interval, gamma, pair_calls=1)
+    device = labels.device
+    x = torch.randn(shape, generator=generator, device=device)
+    for i in reversed(range(proc.num_timesteps)):
+        step = torch.full((shape[0],), i, dtype=torch.long, device=device)
+        t_cont = proc.continuous_time(step).to(device)
+        out = guided(x, t_cont) if (cfg_scale != 1.0 or interval or gamma) else cond(x, t_cont)
+        x = proc.p_sample(out, x, step, generator=generator, learn_sigma=learn_sigma)["sample"]
+    evals = guided.nfe if (cfg_scale != 1.0 or interval or gamma) else proc.num_timesteps
+    return x, {"nfe": proc.num_timesteps, "network_evals": int(evals)}
+
+
+def to_uint8(x: Tensor) -> Tensor:
+    """[-1, 1] images -> uint8 (image.data.from_model_range when available)."""
+    try:
+        from .data import from_model_range
+
+        return from_model_range(x)
+    except ImportError:  # pragma: no cover - image.data absent
+        return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+@torch.no_grad()
+def generate(checkpoint_path, n_per_class: int, sampler: str = "heun", nfe: int = 20, cfg_scale: float = 1.0,
+             seed: int = 0, *, interval=None, adaptive_gamma: float | None = None, classes=None,
+             batch_size: int = 250, device: str | torch.device = "cpu", use_ema: bool = True,
+             grid_kind: str | None = None, return_info: bool = False, model=None, **sampler_options):
+    """``n_per_class`` samples of each class: ``(images uint8 (N, C, H, W), labels int64 (N,))``.
+
+    Labels are ``repeat_interleave`` of the classes (all of the run's by default), so row ``k`` of
+    a grid with ``n_per_class`` columns is class ``classes[k]``. Deterministic for a ``seed``
+    (batches draw from one generator in order). ``return_info=True`` adds a dict with the sampler
+    NFE, network evaluations and the run info. ``model``: an already loaded ``(model, info, codec)``.
+    """
+    if isinstance(n_per_class, bool) or not isinstance(n_per_class, int) or n_per_class < 1:
+        raise ValueError(f"n_per_class must be a positive integer, got {n_per_class!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    net, info, codec = model if model is not None else load_run(checkpoint_path, use_ema, device)
+    dev = next(net.parameters()).device
+    classes = list(range(info["num_classes"])) if classes is None else [int(c) for c in classes]
+    for c in classes:
+        if not 0 <= c < info["num_classes"]:
+            raise ValueError(f"class {c} is not in [0, {info['num_classes']})")
+    labels = torch.tensor(classes, dtype=torch.long).repeat_interleave(n_per_class)
+    g = torch.Generator(device=dev).manual_seed(int(seed))
+    images, nfe_used, evals = [], 0, 0
+    for start in range(0, len(labels), batch_size):
+        y = labels[start:start + batch_size]
+        z, stats = sample_latents(net, y, sampler=sampler, nfe=nfe, cfg_scale=cfg_scale, interval=interval,
+                                  adaptive_gamma=adaptive_gamma, grid_kind=grid_kind, generator=g, **sampler_options)
+        z = z / net.cfg.signal_scale
+        x = codec.decode(z) if codec is not None else z
+        images.append(to_uint8(x.float().cpu()))
+        nfe_used, evals = stats["nfe"], evals + stats["network_evals"] * len(y)
+    out = torch.cat(images), labels
+    if return_info:
+        return (*out, {"nfe": nfe_used, "network_evals_per_sample": evals / len(labels), "run": info})
+    return out
+
+
+def save_grid(images: Tensor, n_rows: int, path: str | Path) -> Path:
+    """Write uint8 images ``(N, C, H, W)`` (C = 1 or 3) as a PNG grid of ``n_rows`` rows, 2-pixel gaps."""
+    from PIL import Image
+
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"save_grid needs uint8 images (N, 1|3, H, W), got {images.dtype} {tuple(images.shape)}")
+    N, C, H, W = images.shape
+    cols = math.ceil(N / n_rows)
+    pad = 2
+    canvas = np.full((n_rows * (H + pad) + pad, cols * (W + pad) + pad, C), 255, dtype=np.uint8)
+    arr = images.permute(0, 2, 3, 1).numpy()
+    for i in range(N):
+        r, c = divmod(i, cols)
+        canvas[pad + r * (H + pad): pad + r * (H + pad) + H, pad + c * (W + pad): pad + c * (W + pad) + W] = arr[i]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(canvas[..., 0] if C == 1 else canvas).save(path)
+    return path
+
+
+def main(argv: list[str] | None = None) -> Path:
+    p = argparse.ArgumentParser(prog="python -m image.sample", description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", required=True, help="run directory, checkpoint or ema_*.safetensors file")
+    p.add_argument("--sampler", default="heun", help=f"'ddpm' (DiT) or a core sampler: {sorted(SAMPLERS)}")
+    p.add_argument("--nfe", type=int, default=20)
+    p.add_argument("--cfg-scale", type=float, default=3.0)
+    p.add_argument("--interval", type=float, nargs=2, default=None, metavar=("T_LO", "T_HI"))
+    p.add_argument("--adaptive-gamma", type=float, default=None)
+    p.add_argument("--per-class", type=int, default=8)
+    p.add_argument("--grid-kind", default=None, help="time grid of core samplers (karras, uniform, logsnr)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-ema", action="store_true")
+    p.add_argument("--out", default=None, help="PNG path (default <run>/samples/sample_<sampler>_<nfe>.png)")
+    a = p.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    images, labels, info = generate(a.run, a.per_class, a.sampler, a.nfe, a.cfg_scale, a.seed,
+                                    interval=a.interval, adaptive_gamma=a.adaptive_gamma, use_ema=not a.no_ema,
+                                    grid_kind=a.grid_kind, return_info=True)
+    run, _ = _run_dir(a.run)
+    out = Path(a.out) if a.out else run / "samples" / f"sample_{a.sampler}_nfe{a.nfe}_cfg{a.cfg_scale:g}.png"
+    n_rows = len(labels) // a.per_class
+    save_grid(images, n_rows, out)
+    print(json.dumps({"grid": str(out), "rows": n_rows, "sampler": a.sampler, "nfe": info["nfe"],
+                      "network_evals_per_sample": info["network_evals_per_sample"], "cfg_scale": a.cfg_scale}))
+    return out
+
+
+if __name__ == "__main__":
+    main()
