@@ -1,0 +1,358 @@
+"""The pandas API of the tabular domain::
+
+    from tabular import TabularDiffusion
+    model = TabularDiffusion(steps=4000).fit(df, categorical=["sex", "income"])   # types inferred otherwise
+    synth = model.sample(1000, conditions={"sex": "Female"}, seed=0)
+    filled = model.impute(df_with_nans)
+    model.save("my_model")                     # my_model/model.safetensors + my_model/tabular.json
+    model = TabularDiffusion.load("my_model")
+
+The model is CDTD (:mod:`tabular.model`); the training loop is a compact AdamW loop with linear
+warm-up and linear decay (the official configuration) and an EMA of the weights, which are the
+weights used for sampling and saved. No Hydra needed (``python -m tabular.train`` wraps this).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from core.engine.ema import EMA
+
+from .data import TableEncoder
+from .model import CDTD, CDTDConfig
+from .schema import MISSING, Schema, infer_schema
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class FitConfig:
+    """Training loop settings (official CDTD: 30k steps, batch 4096, lr 1e-3, betas (0.9, 0.99), EMA 0.999)."""
+
+    steps: int = 3000
+    batch_size: int = 1024
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 200
+    ema_decay: float = 0.999
+    grad_clip: float = 10.0
+    seed: int = 0
+    time_limit_s: float | None = None  # stop early (the LR schedule still spans ``steps``)
+    sampler: str = "euler"  # core sampler used by .sample()
+    sample_steps: int = 50
+    device: str = "cpu"
+    progress: bool = True
+
+    def __post_init__(self):
+        def bad(name, why):
+            raise ValueError(f"FitConfig.{name}={getattr(self, name)!r}: {why}")
+
+        for name in ("steps", "batch_size", "sample_steps"):
+            if getattr(self, name) < 1:
+                bad(name, "must be >= 1")
+        if not self.lr > 0:
+            bad("lr", "must be > 0")
+        if self.warmup_steps < 0:
+            bad("warmup_steps", "must be >= 0")
+        if not 0.0 <= self.ema_decay < 1.0:
+            bad("ema_decay", "must be in [0, 1)")
+        if self.time_limit_s is not None and not self.time_limit_s > 0:
+            bad("time_limit_s", "must be > 0 or None")
+        from core.samplers import SAMPLERS
+
+        if self.sampler not in SAMPLERS:
+            bad("sampler", f"must be one of {sorted(SAMPLERS)}")
+
+
+def _split_kwargs(kwargs: dict) -> tuple[CDTDConfig, FitConfig]:
+    model_keys = {f.name for f in dataclasses.fields(CDTDConfig)}
+    fit_keys = {f.name for f in dataclasses.fields(FitConfig)}
+    unknown = set(kwargs) - model_keys - fit_keys
+    if unknown:
+        raise TypeError(f"TabularDiffusion got an unknown argument {sorted(unknown)[0]!r}; "
+                        f"model: {sorted(model_keys)}, training: {sorted(fit_keys)}")
+    return (CDTDConfig(**{k: v for k, v in kwargs.items() if k in model_keys}),
+            FitConfig(**{k: v for k, v in kwargs.items() if k in fit_keys}))
+
+
+class TabularDiffusion:
+    """CDTD on a pandas DataFrame. Keyword arguments: any field of :class:`CDTDConfig` (network,
+    schedule) or :class:`FitConfig` (training, sampler)."""
+
+    def __init__(self, **kwargs):
+        self.model_config, self.fit_config = _split_kwargs(kwargs)
+        self.schema: Schema | None = None
+        self.encoder: TableEncoder | None = None
+        self.model: CDTD | None = None
+        self.history: list[dict] = []
+
+    # -- fitting -----------------------------------------------------------------------------------
+
+    def fit(self, df: pd.DataFrame, categorical: list[str] | None = None, numerical: list[str] | None = None,
+            *, constant: str = "keep") -> TabularDiffusion:
+        """Infer/check the schema, encode, and train. Returns ``self``."""
+        schema = infer_schema(df, categorical, numerical, constant=constant)
+        if not schema.numerical and not schema.categorical:
+            raise ValueError("every column is constant: there is nothing to model")
+        encoder = TableEncoder.fit(df, schema)
+        x_num, x_cat = encoder.encode(df)
+        observed = np.stack([pd.to_numeric(df[c.name]).notna().to_numpy() for c in schema.numerical], 1) \
+            if schema.numerical else np.ones((len(df), 0), bool)
+        props = [torch.from_numpy(np.bincount(x_cat[:, j], minlength=k) / len(df)).float()
+                 for j, k in enumerate(encoder.cardinalities)]
+        fc = self.fit_config
+        dev = torch.device(fc.device)
+        gen = torch.Generator().manual_seed(fc.seed)
+        torch.manual_seed(fc.seed)
+        model = CDTD(x_num.shape[1], encoder.cardinalities, self.model_config, props).to(dev)
+        self.schema, self.encoder, self.model = schema, encoder, model
+        self._train(torch.from_numpy(x_num), torch.from_numpy(x_cat), torch.from_numpy(observed), gen)
+        return self
+
+    def _train(self, x_num, x_cat, observed, gen):
+        fc, model = self.fit_config, self.model
+        dev = torch.device(fc.device)
+        n = x_num.shape[0]
+        bs = min(fc.batch_size, n)
+        opt = torch.optim.AdamW(model.parameters(), lr=fc.lr, betas=(0.9, 0.99), weight_decay=fc.weight_decay)
+
+        def lr_factor(step):  # linear warm-up, then linear decay to 0 (official ``anneal_lr``)
+            if step < fc.warmup_steps:
+                return (step + 1) / fc.warmup_steps
+            return max(0.0, (fc.steps - step) / max(1, fc.steps - fc.warmup_steps))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+        ema = EMA(model, [fc.ema_decay])
+        dgen = torch.Generator(device=dev).manual_seed(fc.seed + 1) if dev.type != "cpu" else gen
+        perm, pos = torch.randperm(n, generator=gen), 0
+        start = time.perf_counter()
+        self.history = []
+        bar = tqdm(range(fc.steps), desc="CDTD fit", disable=not fc.progress, mininterval=2.0)
+        running = None
+        model.train()
+        for step in bar:
+            if pos + bs > n:
+                perm, pos = torch.randperm(n, generator=gen), 0
+            idx = perm[pos:pos + bs]
+            pos += bs
+            loss, stats = model.loss(x_num[idx].to(dev), x_cat[idx].to(dev), observed[idx].to(dev), generator=dgen)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite training loss at step {step}: {stats}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if fc.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), fc.grad_clip)
+            opt.step()
+            sched.step()
+            ema.update(model)
+            running = stats["loss"] if running is None else 0.98 * running + 0.02 * stats["loss"]
+            self.history.append({"step": step, **stats})
+            if step % 50 == 0:
+                bar.set_postfix(loss=f"{running:.4f}")
+            if fc.time_limit_s is not None and time.perf_counter() - start > fc.time_limit_s:
+                break
+        self.fit_seconds = time.perf_counter() - start
+        self.fit_steps = len(self.history)
+        model.load_state_dict(ema.averaged(), strict=False)  # sample with (and save) the EMA weights
+        model.eval()
+
+    # -- sampling ----------------------------------------------------------------------------------
+
+    def _require_fitted(self):
+        if self.model is None:
+            raise RuntimeError("the model is not fitted: call .fit(df) or TabularDiffusion.load(path)")
+
+    def _known(self, df: pd.DataFrame, known_cells: pd.DataFrame):
+        """Encode the known cells of ``df`` (``known_cells`` bool, same shape) into the model's features.
+
+        Returns (mask (n, F) bool, num (n, n_num), cat (n, n_cat), forbid list): a numerical cell that
+        is unknown but whose column has a missingness flag gets the flag fixed to 'observed' and the
+        missing category is forbidden where a categorical cell is unknown, so imputation fills values.
+        """
+        enc, n = self.encoder, len(df)
+        n_c, n_f = len(enc.cat_cols), len(enc.flag_cols)
+        mask = np.zeros((n, n_c + n_f + len(enc.num_cols)), bool)
+        num = np.zeros((n, len(enc.num_cols)), np.float32)
+        cat = np.zeros((n, n_c + n_f), np.int64)
+        forbid = [None] * (n_c + n_f)
+        flag_index = {c.name: n_c + k for k, c in enumerate(enc.flag_cols)}
+        for i, col in enumerate(enc.num_cols):
+            if col.name not in df.columns:
+                continue
+            k = known_cells[col.name].to_numpy()
+            sub = df.loc[k, [col.name]]
+            if k.any():
+                z, miss = enc.numeric_scores(sub, col)
+                num[k, i] = z
+                mask[k, n_c + n_f + i] = ~miss
+                if col.name in flag_index:
+                    f = flag_index[col.name]
+                    cat[k, f] = miss.astype(np.int64)
+                    mask[k, f] = True
+            if col.name in flag_index:  # unknown value: generate an observed one
+                f = flag_index[col.name]
+                mask[~k, f] = True
+                cat[~k, f] = 0
+        for j, col in enumerate(enc.cat_cols):
+            if col.name not in df.columns:
+                continue
+            k = known_cells[col.name].to_numpy()
+            if k.any():
+                cat[k, j] = enc.category_codes(df.loc[k, [col.name]], j)
+                mask[k, j] = True
+            if MISSING in col.categories:
+                forbid[j] = torch.tensor([c == MISSING for c in col.categories])
+        return mask, num, cat, forbid
+
+    def _generate(self, n, mask, num, cat, forbid, seed, batch_size, sampler, steps):
+        fc = self.fit_config
+        dev = torch.device(fc.device)
+        gen = torch.Generator(device=dev).manual_seed(int(seed))
+        outs_num, outs_cat = [], []
+        chunks = range(0, n, batch_size)
+        for s in tqdm(chunks, desc="CDTD sample", disable=not fc.progress or len(chunks) < 2):
+            e = min(n, s + batch_size)
+            kw = {}
+            if mask is not None and mask[s:e].any():
+                kw = dict(known_mask=torch.from_numpy(mask[s:e]), known_num=torch.from_numpy(num[s:e]),
+                          known_cat=torch.from_numpy(cat[s:e]), forbid=forbid)
+            xn, xc = self.model.sample_encoded(e - s, sampler=sampler or fc.sampler, steps=steps or fc.sample_steps,
+                                               generator=gen, **kw)
+            outs_num.append(xn.cpu().numpy())
+            outs_cat.append(xc.cpu().numpy())
+        return self.encoder.decode(np.concatenate(outs_num), np.concatenate(outs_cat))
+
+    def sample(self, n: int, conditions: dict | None = None, *, seed: int = 0, batch_size: int = 10_000,
+               sampler: str | None = None, steps: int | None = None) -> pd.DataFrame:
+        """``n`` synthetic rows. ``conditions``: column -> a value (every row) or ``n`` values (row-wise);
+        those columns are fixed and the rest is generated given them."""
+        self._require_fitted()
+        if not isinstance(n, int | np.integer) or n < 1:
+            raise ValueError(f"n must be a positive integer, got {n!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+        mask = num = cat = forbid = None
+        cond_df = None
+        if conditions:
+            if not isinstance(conditions, dict):
+                raise TypeError(f"conditions must be a dict column -> value(s), got {type(conditions).__name__}")
+            cols = {}
+            for name, value in conditions.items():
+                if name not in self.schema.names:
+                    raise ValueError(f"condition on unknown column {name!r}; columns are {self.schema.names}")
+                if np.ndim(value) == 0:
+                    value = [value] * n
+                elif len(value) != n:
+                    raise ValueError(f"condition {name!r} has {len(value)} values for n={n} rows")
+                col = self.schema[name]
+                if col.kind == "constant" and any(v != col.value for v in value):
+                    raise ValueError(f"column {name!r} is constant ({col.value!r}) in the training data; "
+                                     f"it cannot be conditioned on another value")
+                cols[name] = list(value)
+            cond_df = pd.DataFrame(cols)
+            cond_df = cond_df.astype({c: object for c in cond_df.columns})
+            model_cols = [c for c in cond_df.columns if self.schema[c].kind != "constant"]
+            sub = cond_df[model_cols]
+            mask, num, cat, forbid = self._known(sub, pd.DataFrame(True, index=sub.index, columns=sub.columns))
+            forbid = None  # an unconditioned missing category may be generated as usual
+            # numerical columns not conditioned: let the model generate missingness as it learned it
+            enc = self.encoder
+            for k, c in enumerate(enc.flag_cols):
+                if c.name not in cond_df.columns:
+                    mask[:, len(enc.cat_cols) + k] = False
+        out = self._generate(n, mask, num, cat, forbid, seed, batch_size, sampler, steps)
+        if cond_df is not None:
+            for c in cond_df.columns:  # the user's values, exactly
+                out[c] = cond_df[c].to_numpy()
+                out[c] = out[c].infer_objects()
+        return out
+
+    def impute(self, df: pd.DataFrame, *, seed: int = 0, batch_size: int = 10_000, sampler: str | None = None,
+               steps: int | None = None) -> pd.DataFrame:
+        """Fill every missing cell of ``df`` (NaN / None) given the observed cells of its row; observed
+        cells are returned unchanged. A missing cell of a constant column gets the constant."""
+        self._require_fitted()
+        self.schema.check_frame(df)
+        out = df.copy()
+        known = df.notna()
+        rows = np.flatnonzero(~known.to_numpy().all(1))
+        if len(rows) == 0:
+            return out
+        sub, ksub = df.iloc[rows].reset_index(drop=True), known.iloc[rows].reset_index(drop=True)
+        model_cols = [c.name for c in self.schema.columns if c.kind != "constant"]
+        mask, num, cat, forbid = self._known(sub[model_cols], ksub[model_cols])
+        gen = self._generate(len(rows), mask, num, cat, forbid, seed, batch_size, sampler, steps)
+        for c in df.columns:
+            miss = ~ksub[c].to_numpy()
+            if miss.any():
+                if out[c].dtype != object and gen[c].dtype == object:
+                    out[c] = out[c].astype(object)
+                col_idx = out.columns.get_loc(c)
+                out.iloc[rows[miss], col_idx] = gen[c].to_numpy()[miss]
+        return out
+
+    # -- persistence -------------------------------------------------------------------------------
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``path/model.safetensors`` (weights) and ``path/tabular.json`` (schema, encoder, configs)."""
+        self._require_fitted()
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        meta = {"format": FORMAT_VERSION, "schema": json.loads(self.schema.to_json()),
+                "encoder": self.encoder.state(), "model_config": dataclasses.asdict(self.model_config),
+                "fit_config": dataclasses.asdict(self.fit_config),
+                "fit_steps": getattr(self, "fit_steps", None), "fit_seconds": getattr(self, "fit_seconds", None)}
+        state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        for name, write in (("model.safetensors", lambda p: save_file(state, p)),
+                            ("tabular.json", lambda p: Path(p).write_text(json.dumps(meta)))):
+            fd, tmp = tempfile.mkstemp(dir=path, prefix=f".{name}.")
+            os.close(fd)
+            try:
+                write(tmp)
+                os.replace(tmp, path / name)  # atomic: a reader never sees half a file
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "cpu") -> TabularDiffusion:
+        path = Path(path)
+        for name in ("model.safetensors", "tabular.json"):
+            if not (path / name).is_file():
+                raise ValueError(f"{str(path)!r} is not a saved TabularDiffusion: {name} is missing")
+        meta = json.loads((path / "tabular.json").read_text())
+        if meta.get("format") != FORMAT_VERSION:
+            raise ValueError(f"{str(path)!r}: unsupported format {meta.get('format')!r}")
+        fit_cfg = {**meta["fit_config"], "device": device}
+        obj = cls(**meta["model_config"], **fit_cfg)
+        obj.schema = Schema.from_json(json.dumps(meta["schema"]))
+        obj.encoder = TableEncoder.from_state(obj.schema, meta["encoder"])
+        obj.fit_steps, obj.fit_seconds = meta.get("fit_steps"), meta.get("fit_seconds")
+        state = load_file(str(path / "model.safetensors"))
+        props = [torch.full((k,), 1.0 / k) for k in obj.encoder.cardinalities]  # buffers come from the file
+        obj.model = CDTD(len(obj.encoder.num_cols), obj.encoder.cardinalities, obj.model_config, props)
+        obj.model.load_state_dict(state)
+        obj.model.to(torch.device(device)).eval()
+        return obj
+
+
+def rows_per_second(model: TabularDiffusion, n: int, **kwargs) -> tuple[float, float]:
+    """(seconds, rows/s) of ``model.sample(n, **kwargs)``."""
+    t0 = time.perf_counter()
+    model.sample(n, **kwargs)
+    dt = time.perf_counter() - t0
+    return dt, n / dt if dt > 0 else math.inf

@@ -1,0 +1,250 @@
+"""Column schema of a table: which columns are numerical, categorical or constant, inferred or given.
+
+A :class:`Schema` is what a fitted model remembers about the user's DataFrame (column order,
+types, categories, integer columns, where values may be missing) and is saved as JSON next to
+the weights. :func:`infer_schema` is the boundary where a user's table is checked: every
+problem raises ``ValueError`` naming the column (and the offending value where there is one).
+
+Missing values are never dropped: a missing category becomes its own category ``MISSING``
+(CDTD treats categories as unordered tokens, so this is exact), and a numerical column with
+NaN gets a missingness flag that the model learns as one more binary categorical feature
+(see :mod:`tabular.model`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pandas as pd
+
+MISSING = "<missing>"  # the category that stands for a missing categorical value
+KINDS = ("numerical", "categorical", "constant")
+
+
+@dataclass
+class Column:
+    """One column: ``kind`` numerical | categorical | constant.
+
+    numerical: ``integer`` (round on output), ``has_missing`` (NaN seen in training), ``lo``/``hi``
+    (observed range, used to clip the inverse transform). categorical: ``categories`` (strings,
+    ``MISSING`` included when NaN was seen), ``dtype`` of the original values (``str``, ``int``,
+    ``float`` or ``bool``) to restore on output. constant: ``value`` (a JSON scalar, or None for a
+    column that is entirely missing is refused).
+    """
+
+    name: str
+    kind: str
+    integer: bool = False
+    has_missing: bool = False
+    lo: float | None = None
+    hi: float | None = None
+    categories: list[str] = field(default_factory=list)
+    dtype: str = "str"
+    value: object = None
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"column {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")
+
+
+@dataclass
+class Schema:
+    columns: list[Column]
+
+    @property
+    def names(self) -> list[str]:
+        return [c.name for c in self.columns]
+
+    @property
+    def numerical(self) -> list[Column]:
+        return [c for c in self.columns if c.kind == "numerical"]
+
+    @property
+    def categorical(self) -> list[Column]:
+        return [c for c in self.columns if c.kind == "categorical"]
+
+    def __getitem__(self, name: str) -> Column:
+        for c in self.columns:
+            if c.name == name:
+                return c
+        raise KeyError(f"no column {name!r} in the schema; columns are {self.names}")
+
+    def to_json(self) -> str:
+        return json.dumps({"columns": [asdict(c) for c in self.columns]}, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> Schema:
+        data = json.loads(text)
+        return cls([Column(**c) for c in data["columns"]])
+
+    def check_frame(self, df: pd.DataFrame, *, allow_subset: bool = False) -> None:
+        """Raise ``ValueError`` naming the first column of ``df`` that this schema does not know or lacks."""
+        if not isinstance(df, pd.DataFrame):
+            raise TypeError(f"expected a pandas DataFrame, got {type(df).__name__}")
+        unknown = [c for c in df.columns if c not in self.names]
+        if unknown:
+            raise ValueError(f"column {unknown[0]!r} is not in the fitted schema; columns are {self.names}")
+        if not allow_subset:
+            missing = [c for c in self.names if c not in df.columns]
+            if missing:
+                raise ValueError(f"column {missing[0]!r} of the fitted schema is missing from the DataFrame")
+
+
+def _parse_numeric(name: str, s: pd.Series) -> pd.Series:
+    """``s`` as float64; NaN stays NaN, an unparseable entry raises ``ValueError`` naming it."""
+    if pd.api.types.is_bool_dtype(s):
+        raise ValueError(f"column {name!r} holds booleans; declare it categorical")
+    out = pd.to_numeric(s, errors="coerce").astype("float64")
+    bad = out.isna() & s.notna()
+    if bad.any():
+        raise ValueError(f"column {name!r}: value {s[bad].iloc[0]!r} (row {s.index[bad][0]!r}) is not a number")
+    if np.isinf(out.to_numpy()).any():
+        raise ValueError(f"column {name!r} holds an infinite value; replace it with a number or NaN")
+    return out
+
+
+def _category_dtype(s: pd.Series) -> str:
+    v = s.dropna()
+    if pd.api.types.is_bool_dtype(v):
+        return "bool"
+    if pd.api.types.is_integer_dtype(v):
+        return "int"
+    if pd.api.types.is_float_dtype(v):
+        return "float"
+    return "str"
+
+
+def category_strings(s: pd.Series) -> pd.Series:
+    """Categorical values as strings, NaN as :data:`MISSING` (floats like 1.0 written as '1.0')."""
+    return s.astype(object).where(s.notna(), MISSING).map(str)
+
+
+def _looks_numeric(s: pd.Series) -> tuple[bool, object]:
+    """An object column whose non-missing entries are mostly numbers: (True, first bad value)."""
+    v = s.dropna()
+    if v.empty:
+        return False, None
+    parsed = pd.to_numeric(v, errors="coerce")
+    ok = parsed.notna()
+    if ok.mean() >= 0.95 and not ok.all():
+        return True, v[~ok].iloc[0]
+    return False, None
+
+
+def infer_schema(
+    df: pd.DataFrame,
+    categorical: list[str] | None = None,
+    numerical: list[str] | None = None,
+    *,
+    max_categories: int = 1000,
+    binary_as_categorical: bool = True,
+    constant: str = "keep",
+) -> Schema:
+    """Types of the columns of ``df``: the given lists win, the rest is inferred.
+
+    Inference: bool, object, string and category dtypes are categorical; numeric dtypes are
+    numerical, except columns with at most two distinct values (``binary_as_categorical``). An
+    object column whose entries are numbers except for a few (>= 95% parse) raises, naming the
+    unparseable value: it is almost always a data error, not a category. A column with one
+    distinct value (NaN counts as a value) is a constant: kept and reproduced (``constant='keep'``,
+    with a warning) or refused (``constant='error'``). An entirely missing column is refused.
+    """
+    if not isinstance(df, pd.DataFrame):
+        raise TypeError(f"expected a pandas DataFrame, got {type(df).__name__}")
+    if df.shape[1] == 0:
+        raise ValueError("the DataFrame has no columns")
+    if len(df) < 2:
+        raise ValueError(f"the DataFrame has {len(df)} rows; at least 2 are needed")
+    if constant not in ("keep", "error"):
+        raise ValueError(f"constant must be 'keep' or 'error', got {constant!r}")
+    names = [str(c) for c in df.columns]
+    dup = [n for n in names if names.count(n) > 1]
+    if dup:
+        raise ValueError(f"column name {dup[0]!r} occurs more than once")
+    if any(not isinstance(c, str) for c in df.columns):
+        bad = next(c for c in df.columns if not isinstance(c, str))
+        raise TypeError(f"column names must be strings, got {bad!r}")
+    categorical = list(categorical or [])
+    numerical = list(numerical or [])
+    for group, label in ((categorical, "categorical"), (numerical, "numerical")):
+        for c in group:
+            if c not in df.columns:
+                raise ValueError(f"{label} column {c!r} is not in the DataFrame; columns are {names}")
+    both = set(categorical) & set(numerical)
+    if both:
+        raise ValueError(f"column {sorted(both)[0]!r} is declared both categorical and numerical")
+
+    cols = []
+    for name in df.columns:
+        s = df[name]
+        if s.isna().all():
+            raise ValueError(f"column {name!r} is entirely missing; drop it or fill it")
+        if name in categorical:
+            kind = "categorical"
+        elif name in numerical:
+            kind = "numerical"
+        elif pd.api.types.is_bool_dtype(s) or not pd.api.types.is_numeric_dtype(s):
+            numeric_like, bad = _looks_numeric(s) if s.dtype == object else (False, None)
+            if numeric_like:
+                raise ValueError(f"column {name!r}: value {bad!r} is not a number although the column "
+                                 f"otherwise holds numbers; fix it, or declare the column categorical")
+            kind = "categorical"
+        else:
+            kind = "categorical" if (binary_as_categorical and s.nunique(dropna=True) <= 2) else "numerical"
+
+        n_distinct = s.nunique(dropna=False)
+        if n_distinct == 1:
+            if constant == "error":
+                raise ValueError(f"column {name!r} is constant (every value is {s.iloc[0]!r}); drop it")
+            warnings.warn(f"column {name!r} is constant ({s.iloc[0]!r}): it is reproduced, not modelled",
+                          stacklevel=2)
+            v = s.iloc[0]
+            v = v.item() if hasattr(v, "item") else v
+            cols.append(Column(name, "constant", value=v, dtype=_category_dtype(s)))
+            continue
+
+        if kind == "numerical":
+            x = _parse_numeric(name, s)
+            obs = x.dropna()
+            if obs.nunique() == 1:
+                # one number plus NaN: the information is the missingness pattern alone.
+                kind = "categorical"
+            else:
+                integer = bool(np.all(np.mod(obs.to_numpy(), 1.0) == 0.0))
+                cols.append(Column(name, "numerical", integer=integer, has_missing=bool(x.isna().any()),
+                                   lo=float(obs.min()), hi=float(obs.max())))
+                continue
+        strings = category_strings(s)
+        cats = sorted(strings.unique().tolist())
+        if len(cats) > max_categories:
+            raise ValueError(f"column {name!r} has {len(cats)} distinct values (> max_categories={max_categories}); "
+                             f"an identifier or free text cannot be modelled as a category")
+        cols.append(Column(name, "categorical", has_missing=MISSING in cats, categories=cats,
+                           dtype=_category_dtype(s)))
+    return Schema(cols)
+
+
+def restore_categories(col: Column, values: np.ndarray) -> pd.Series:
+    """Category strings back to the user's dtype (int, float, bool or str); ``MISSING`` -> NaN."""
+    s = pd.Series(values, dtype=object)
+    miss = s == MISSING
+    if col.dtype == "int":
+        out = s.where(~miss, None).map(lambda v: None if v is None else int(float(v)))
+        return out.astype("Int64") if miss.any() else out.astype("int64")
+    if col.dtype == "float":
+        return s.where(~miss, "nan").astype("float64")
+    if col.dtype == "bool":
+        out = s.map(lambda v: None if v == MISSING else v == "True")
+        return out.astype("boolean") if miss.any() else out.astype(bool)
+    return s.where(~miss, np.nan)
+
+
+def constant_series(col: Column, n: int) -> pd.Series:
+    v = col.value
+    if isinstance(v, float) and math.isnan(v):
+        return pd.Series(np.full(n, np.nan))
+    return pd.Series([v] * n)
