@@ -1,0 +1,191 @@
+"""image.train / image.train_autoencoder / image.sample / image.demo end to end on tiny runs (8x8 digits)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ("data=digits", "model.patch_size=2", "model.hidden_size=16", "model.depth=2", "model.num_heads=2",
+        "trainer=smoke", "trainer.progress=false", "sampler.eval_per_class=0", "sampler.nfe=4",
+        "sampler.per_class=2", "sampler.sampler=euler")
+
+
+def compose(config="config", *overrides):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    import image.train  # noqa: F401  (registers the schemas)
+    import image.train_autoencoder  # noqa: F401
+
+    with initialize_config_dir(config_dir=str(REPO / "configs" / "image"), version_base="1.3"):
+        return hydra_compose(config, overrides=list(overrides))
+
+
+def run(out, *overrides):
+    from image.train import train
+
+    return train(compose("config", f"trainer.out_dir={out}", *TINY, *overrides))
+
+
+def weights(out, step=6):
+    from core.engine.checkpoint import load_checkpoint
+
+    return load_checkpoint(Path(out) / "checkpoints" / f"ckpt_{step:08d}.pt")["model"]
+
+
+@pytest.fixture(scope="module")
+def sit_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sit")
+    return out, run(out)
+
+
+def test_train_writes_run_info_grid_and_exports(sit_run):
+    from PIL import Image
+
+    out, result = sit_run
+    assert result["step"] == 6 and torch.isfinite(torch.tensor(result["loss"]))
+    info = json.loads((out / "run.json").read_text())
+    assert info["model"]["kind"] == "sit" and info["input_size"] == [8, 8] and info["num_classes"] == 10
+    assert info["latent"] is None and info["in_channels"] == 1
+    grid = Image.open(out / "samples" / "step_00000006.png")
+    assert grid.size == (2 * 10 + 2, 10 * 10 + 2)  # 2 columns, 10 class rows of 8x8 with 2-pixel gaps
+    assert (out / "ema_0.999.safetensors").is_file()
+
+
+def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, sit_run):
+    full_dir, _ = sit_run
+    part = tmp_path / "part"
+    run(part, "trainer.stop_at=3")
+    assert not (part / "checkpoints" / "ckpt_00000006.pt").exists()
+    run(part)  # resume=auto continues from step 3
+    a, b = weights(full_dir), weights(part)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_generate_and_sample_cli_from_a_run(sit_run, tmp_path):
+    from image.sample import generate
+
+    out, _ = sit_run
+    imgs, labels = generate(out, 3, "heun", 6, 2.0, seed=0)
+    assert imgs.shape == (30, 1, 8, 8) and imgs.dtype == torch.uint8
+    assert labels.tolist() == [c for c in range(10) for _ in range(3)]
+    png = tmp_path / "g.png"
+    proc = subprocess.run([sys.executable, "-m", "image.sample", "--run", str(out / "checkpoints" / "ckpt_00000006.pt"),
+                           "--sampler", "dpmpp_2m", "--nfe", "5", "--per-class", "2", "--interval", "0.2", "0.9",
+                           "--out", str(png)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["rows"] == 10 and png.is_file()
+
+
+def test_dit_run_samples_with_ddpm(tmp_path):
+    from image.sample import generate
+
+    out = tmp_path / "dit"
+    result = run(out, "model=dit", "sampler.sampler=ddpm")
+    assert result["vb"] > 0
+    imgs, _ = generate(out, 1, "ddpm", 4, 2.0)
+    assert imgs.shape == (10, 1, 8, 8)
+
+
+def test_training_flags_reach_the_model(tmp_path):
+    from image.sample import load_run
+
+    out = tmp_path / "flags"
+    result = run(out, "model.depth=4", "model.route_ratio=0.5", "model.route_start=1", "model.route_end=3",
+                 "model.weighting=min_snr", "model.direction_loss=0.1", "model.time_sampler=logit_normal")
+    assert "direction" in result
+    model, info, _ = load_run(out)
+    assert model.net.config.route_ratio == 0.5 and info["model"]["weighting"] == "min_snr"
+
+
+def test_repa_with_a_user_torchscript_encoder(tmp_path):
+    enc = torch.jit.script(torch.nn.Sequential(torch.nn.Conv2d(1, 5, 2, stride=2), torch.nn.Tanh()))
+    path = tmp_path / "enc.pt"
+    enc.save(str(path))
+    out = tmp_path / "repa"
+    result = run(out, "model.repa_weight=0.5", "model.repa_block=1", f"model.repa_encoder={path}")
+    assert -1 <= result["repa"] <= 1
+    assert json.loads((out / "run.json").read_text())["encoder_dim"] == 5
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (("model.kind=edm",), "model.kind"),
+    (("sampler.sampler=ddpm",), "ddpm"),
+    (("data=folder",), "data"),
+    (("model.patch_size=3",), "divisible"),
+    (("sampler.sampler=nope",), "sampler.sampler"),
+])
+def test_bad_configs_fail_at_start(tmp_path, overrides, match):
+    from core.engine.config import ConfigError
+
+    with pytest.raises((ConfigError, ValueError), match=match):
+        run(tmp_path / "bad", *overrides)
+    assert not (tmp_path / "bad" / "checkpoints").exists() or not any((tmp_path / "bad" / "checkpoints").iterdir())
+
+
+def test_unknown_key_is_rejected_by_the_schema():
+    with pytest.raises(Exception, match="nope"):
+        compose("config", "model.nope=1", *TINY)
+
+
+def test_latent_run_on_the_polydiff_autoencoder(tmp_path):
+    from image.sample import generate
+    from image.train_autoencoder import train_autoencoder
+
+    ae = tmp_path / "ae"
+    res = train_autoencoder(compose("autoencoder", "data=digits", "ae.channels=8", "ae.latent_channels=2",
+                                    "trainer=smoke", "trainer.progress=false", f"trainer.out_dir={ae}"))
+    meta = json.loads((ae / "codec.json").read_text())
+    assert meta["latent_shape"] == [2, 2, 2] and meta["scale"] > 0
+    assert res["codec_check_mse"] == pytest.approx(res["test_mse"], rel=0.5)
+    out = tmp_path / "lat"
+    run(out, f"data.latent={ae}", "model.patch_size=1")
+    info = json.loads((out / "run.json").read_text())
+    assert info["latent"]["kind"] == "polydiff" and info["input_size"] == [2, 2] and info["in_channels"] == 2
+    imgs, _ = generate(out, 1, "euler", 3, 1.5)
+    assert imgs.shape == (10, 1, 8, 8) and imgs.dtype == torch.uint8
+
+
+def test_latent_run_on_a_local_diffusers_vae(tmp_path):
+    from diffusers import AutoencoderKL
+
+    from image.sample import generate
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=4, sample_size=8, scaling_factor=0.5)
+    folder = tmp_path / "vae"
+    vae.save_pretrained(folder)
+    out = tmp_path / "lat"
+    run(out, f"data.latent={folder}", "model.patch_size=2")
+    info = json.loads((out / "run.json").read_text())
+    assert info["latent"]["kind"] == "diffusers" and info["input_size"] == [4, 4] and info["latent"]["scale"] == 0.5
+    imgs, _ = generate(out, 1, "euler", 3, 1.5)
+    assert imgs.shape == (10, 1, 8, 8)
+
+
+def test_demo_runs_resumes_and_writes_grid(tmp_path):
+    from image.demo import main
+
+    out = tmp_path / "demo"
+    args = ["--steps", "4", "--data", "digits", "--no-eval", "--out", str(out)]
+    first = main(args)
+    assert (out / "grid.png").is_file() and first["steps"] == 4
+    again = main(args)  # a finished run is only re-sampled
+    assert again["steps"] == 4 and json.loads((out / "metrics.json").read_text())["nfe"] == 20
+
+
+@pytest.mark.slow
+def test_final_evaluation_writes_eval_json(tmp_path):
+    out = tmp_path / "eval"
+    result = run(out, "sampler.eval_per_class=5")
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev == result["eval"] and ev["per_class"] == 5
