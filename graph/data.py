@@ -145,7 +145,7 @@ def sbm_graphs(num_graphs: int = 200, seed: int = 0, p_intra: float = 0.3, p_int
         probs = np.full((c, c), p_inter)
         np.fill_diagonal(probs, p_intra)
         g = nx.stochastic_block_model(sizes, probs.tolist(), seed=int(seed) * num_graphs + i)
-        graphs.append(nx.Graph(g))  # drop the block partition attributes: plain graphs like the others
+        graphs.append(g)  # nodes keep their ``block``; ``g.graph["partition"]`` lists the blocks
     return graphs
 
 

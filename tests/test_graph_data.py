@@ -1,0 +1,188 @@
+"""graph.data: benchmark generators reproduce their definitions; splits; container conversions round trip."""
+
+import networkx as nx
+import numpy as np
+import pytest
+import torch
+
+from graph.data import (
+    community_small_graphs,
+    dense_to_networkx,
+    from_dense,
+    graph_kind,
+    grid_graphs,
+    load_graph_dataset,
+    planar_graphs,
+    sbm_graphs,
+    to_dense,
+)
+
+
+def test_community_small_is_gdss_generator():
+    graphs = community_small_graphs(100, seed=3)
+    assert len(graphs) == 100
+    sizes = {g.number_of_nodes() for g in graphs}
+    assert sizes <= {12, 14, 16, 18, 20} and len(sizes) >= 4  # 2 * (max_nodes // 2), max_nodes in 12..20
+    bridges = []
+    for g in graphs:
+        k = g.number_of_nodes() // 2
+        # the two communities are G(k, 0.7) drawn with networkx seeds 0 and 1 (GDSS's n_community)
+        for i, part in enumerate((range(k), range(k, 2 * k))):
+            ref = nx.gnp_random_graph(k, 0.7, seed=i)
+            sub = nx.convert_node_labels_to_integers(g.subgraph(part))
+            assert sorted(sub.edges()) == sorted(ref.edges())
+        cross = sum(1 for u, v in g.edges() if (u < k) != (v < k))
+        assert cross >= 1 and nx.is_connected(g)
+        bridges.append(cross / (k * k))
+    # inter-community pairs are bridged with probability 0.05 * 2 / k (at least one bridge per graph)
+    ks = np.array([g.number_of_nodes() // 2 for g in graphs])
+    assert np.mean(bridges) == pytest.approx(np.mean(np.maximum(0.1 / ks, 1 / ks**2)), rel=0.35)
+    intra = [nx.density(nx.gnp_random_graph(k, 0.7, seed=i)) for k in range(6, 11) for i in (0, 1)]
+    assert 0.55 < np.mean(intra) < 0.85
+
+
+def test_community_small_seeded_and_split():
+    a = load_graph_dataset("community_small", seed=1)
+    b = load_graph_dataset("community_small", seed=1)
+    assert len(a.train) == 80 and len(a.test) == 20 and not a.val
+    assert [sorted(g.edges()) for g in a.test] == [sorted(g.edges()) for g in b.test]
+    assert a.max_degree <= 9  # seed 1 fits GDSS's 10 one-hot degree features
+    c = load_graph_dataset("community_small", seed=1, split_seed=5)
+    key = lambda gs: sorted(tuple(sorted(g.edges())) for g in gs)  # noqa: E731
+    assert key(c.train + c.test) == key(a.train + a.test) and key(c.test) != key(a.test)
+
+
+def test_grid_graphs():
+    graphs = grid_graphs()
+    assert len(graphs) == 100
+    dims = [(m, n) for m in range(10, 20) for n in range(10, 20)]
+    for g, (m, n) in zip(graphs, dims):
+        assert g.number_of_nodes() == m * n and g.number_of_edges() == m * (n - 1) + n * (m - 1)
+        assert max(d for _, d in g.degree()) == 4
+    ds = load_graph_dataset("grid")
+    assert len(ds.train) == 80 and len(ds.test) == 20 and ds.max_node_num <= 361
+
+
+def test_planar_graphs_and_spectre_split():
+    graphs = planar_graphs(10, seed=0)
+    for g in graphs:
+        n, e = g.number_of_nodes(), g.number_of_edges()
+        assert n == 64 and nx.check_planarity(g)[0] and nx.is_connected(g)
+        assert 2 * n - 3 <= e <= 3 * n - 6  # a triangulation of a point set: 3n - 3 - (hull size) edges
+    ds = load_graph_dataset("planar")
+    assert (len(ds.train), len(ds.val), len(ds.test)) == (128, 32, 40)
+    perm = torch.randperm(200, generator=torch.Generator().manual_seed(1234)).tolist()
+    split = torch.utils.data.random_split(range(200), [128, 32, 40], generator=torch.Generator().manual_seed(1234))
+    assert list(split[2].indices) == perm[160:]
+
+
+def test_sbm_graphs_statistics():
+    graphs = sbm_graphs(20, seed=0)
+    intra_e = intra_p = inter_e = inter_p = 0
+    for g in graphs:
+        blocks = g.graph["partition"]
+        assert 2 <= len(blocks) <= 5 and all(20 <= len(b) <= 40 for b in blocks)
+        block = {v: i for i, b in enumerate(blocks) for v in b}
+        for u, v in g.edges():
+            if block[u] == block[v]:
+                intra_e += 1
+            else:
+                inter_e += 1
+        sizes = np.array([len(b) for b in blocks])
+        intra_p += int((sizes * (sizes - 1) // 2).sum())
+        inter_p += int((sizes.sum() ** 2 - (sizes**2).sum()) // 2)
+    assert intra_e / intra_p == pytest.approx(0.3, abs=0.02)
+    assert inter_e / inter_p == pytest.approx(0.005, abs=0.003)
+
+
+def test_ego_small_and_bad_names():
+    with pytest.raises(ValueError, match="cannot be downloaded"):
+        load_graph_dataset("ego_small")
+    with pytest.raises(ValueError, match="unknown graph data set"):
+        load_graph_dataset("lobster")
+    with pytest.raises(ValueError, match="seed"):
+        community_small_graphs(10, seed=-1)
+    with pytest.raises(ValueError, match="num_graphs"):
+        load_graph_dataset("grid", num_graphs=5)
+
+
+def _edges(g):
+    return sorted(tuple(sorted(e)) for e in g.edges())
+
+
+def test_networkx_dense_round_trip_and_degree_features():
+    graphs = load_graph_dataset("community_small", seed=1).test
+    (x, adj, flags), kind = to_dense(graphs, max_node_num=20, max_feat_num=10)
+    assert kind == "networkx" and x.shape == (20, 20, 10) and adj.shape == (20, 20, 20)
+    for i, g in enumerate(graphs):
+        n = g.number_of_nodes()
+        assert flags[i].sum() == n and flags[i, :n].all()
+        degs = torch.tensor([g.degree(v) for v in g.nodes])
+        assert torch.equal(x[i, :n].argmax(-1), degs) and x[i, n:].abs().sum() == 0
+        assert torch.equal(adj[i], adj[i].T) and adj[i, n:].abs().sum() == 0
+    back = from_dense(x, adj, flags, kind)
+    assert [_edges(a) for a in back] == [_edges(b) for b in graphs]
+    (x2, adj2, flags2), _ = to_dense(back, max_node_num=20, max_feat_num=10)
+    assert torch.equal(x2, x) and torch.equal(adj2, adj) and torch.equal(flags2, flags)
+
+
+def test_pyg_round_trips():
+    from torch_geometric.data import Batch, Data
+
+    g = torch.Generator().manual_seed(0)
+    datas = []
+    for n in (3, 5, 4):
+        a = torch.triu((torch.rand(n, n, generator=g) < 0.6).float(), 1)
+        a = a + a.T
+        datas.append(Data(x=torch.randn(n, 2, generator=g), edge_index=torch.nonzero(a).t(), num_nodes=n))
+    batch = Batch.from_data_list(datas)
+    for obj, kind in ((batch, "pyg_batch"), (datas, "pyg_list"), (datas[1], "pyg")):
+        (x, adj, flags), k = to_dense(obj, init="data")
+        assert k == kind == graph_kind(obj) and x.shape[:2] == (len(flags), 5)
+        back = from_dense(x, adj, flags, k)
+        if kind == "pyg_batch":
+            assert isinstance(back, Batch) and torch.equal(back.edge_index, batch.edge_index)
+            assert torch.equal(back.x, batch.x) and torch.equal(back.batch, batch.batch)
+        else:
+            pairs = zip(back, datas) if kind == "pyg_list" else [(back, datas[1])]
+            for b, d in pairs:
+                assert torch.equal(b.x, d.x) and torch.equal(b.edge_index, d.edge_index)
+    # weighted adjacency (bond orders) travels as 1-D edge_attr and back
+    (x, adj, flags), _ = to_dense(batch, init="ones", max_feat_num=1)
+    adj = adj * 2.0
+    again, _ = to_dense(from_dense(x, adj, flags, "pyg_list"), init="ones", max_feat_num=1)
+    assert torch.equal(again[1], adj)
+    # networkx <-> PyG via the dense form
+    nxg = from_dense(x, adj, flags, "networkx")
+    for h, d in zip(nxg, datas):
+        weights = nx.get_edge_attributes(h, "weight")
+        assert h.number_of_edges() == d.num_edges // 2 and set(weights.values()) <= {2.0}
+        assert len(weights) == h.number_of_edges()
+
+
+def test_dense_input_passes_through_and_errors():
+    x, adj, flags = torch.zeros(2, 4, 3), torch.zeros(2, 4, 4), torch.ones(2, 4)
+    (x2, adj2, fl2), kind = to_dense((x, adj, flags))
+    assert kind == "dense" and x2 is x and from_dense(x, adj, flags, "dense")[1] is adj
+    with pytest.raises(TypeError, match="networkx"):
+        to_dense(nx.path_graph(3))
+    with pytest.raises(TypeError):
+        to_dense([1, 2])
+    with pytest.raises(ValueError, match="max_node_num"):
+        to_dense([nx.path_graph(5)], max_node_num=3)
+    with pytest.raises(ValueError, match="max_feat_num"):
+        to_dense([nx.star_graph(4)], max_feat_num=3)
+    with pytest.raises(ValueError, match="flags"):
+        from_dense(x, adj, torch.ones(2, 3))
+    with pytest.raises(ValueError, match="prefix"):
+        from_dense(x, adj, torch.tensor([[1.0, 0, 1, 0], [1, 1, 1, 1]]))
+
+
+def test_dense_to_networkx_gdss_rules():
+    adj = torch.zeros(2, 4, 4)
+    adj[0, 0, 1] = adj[0, 1, 0] = 0.7  # one edge above the 0.5 threshold; nodes 2, 3 isolated
+    adj[0, 2, 2] = 1.0  # a self-loop is dropped
+    adj[1, 0, 1] = adj[1, 1, 0] = 0.3  # below threshold: an empty graph becomes one node
+    g0, g1 = dense_to_networkx(adj)
+    assert _edges(g0) == [(0, 1)] and g0.number_of_nodes() == 2
+    assert g1.number_of_nodes() == 1 and g1.number_of_edges() == 0
