@@ -255,6 +255,41 @@ def save_grid(images: Tensor, n_rows: int, path: str | Path) -> Path:
     return path
 
 
+def sampler_table(checkpoint_path, samplers: list[str], nfes: list[int], n_per_class: int, cfg_scale: float,
+                  seed: int = 0, out: str | Path | None = None, **kwargs) -> list[dict]:
+    """Distance vs NFE: ``image.evaluate.evaluate_samples`` of ``n_per_class`` samples per class for every
+    sampler and NFE budget (same seed, so the same starting noise). Rows go to ``out`` (CSV) if given."""
+    import csv
+    import time
+
+    from .evaluate import evaluate_samples
+
+    loaded = load_run(checkpoint_path, kwargs.pop("use_ema", True))
+    rows = []
+    for name in samplers:
+        for nfe in nfes:
+            t0 = time.perf_counter()
+            images, labels, info = generate(checkpoint_path, n_per_class, name, nfe, cfg_scale, seed, model=loaded,
+                                            return_info=True, **kwargs)
+            seconds = time.perf_counter() - t0
+            metrics = evaluate_samples(images, labels, loaded[1]["dataset"])
+            row = {"sampler": name, "nfe_budget": nfe, "nfe": info["nfe"],
+                   "network_evals_per_sample": info["network_evals_per_sample"], "cfg_scale": cfg_scale,
+                   "seconds": round(seconds, 2),
+                   **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    if out is not None and rows:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        keys = list(dict.fromkeys(k for r in rows for k in r))
+        with open(out, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(rows)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> Path:
     p = argparse.ArgumentParser(prog="python -m image.sample", description=__doc__.split("\n\n")[0])
     p.add_argument("--run", required=True, help="run directory, checkpoint or ema_*.safetensors file")
@@ -268,8 +303,18 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ema", action="store_true")
     p.add_argument("--out", default=None, help="PNG path (default <run>/samples/sample_<sampler>_<nfe>.png)")
+    p.add_argument("--table", default=None, metavar="SAMPLERS",
+                   help="comma-separated samplers: evaluate each at every --nfe-list budget (image.evaluate "
+                        "metrics of --per-class samples per class) and write a CSV to --out")
+    p.add_argument("--nfe-list", default="5,10,20,50")
     a = p.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if a.table:
+        run, _ = _run_dir(a.run)
+        out = Path(a.out) if a.out else run / "sampler_table.csv"
+        sampler_table(a.run, a.table.split(","), [int(n) for n in a.nfe_list.split(",")], a.per_class, a.cfg_scale,
+                      a.seed, out, interval=a.interval, adaptive_gamma=a.adaptive_gamma, grid_kind=a.grid_kind,
+                      use_ema=not a.no_ema)
+        return out
     images, labels, info = generate(a.run, a.per_class, a.sampler, a.nfe, a.cfg_scale, a.seed,
                                     interval=a.interval, adaptive_gamma=a.adaptive_gamma, use_ema=not a.no_ema,
                                     grid_kind=a.grid_kind, return_info=True)

@@ -382,6 +382,31 @@ def test_ddpm_sampler_for_dit_and_refusals(tmp_path):
         generate(tmp_path / "missing", 1)
 
 
+def test_sampler_table_rows(tmp_path, monkeypatch):
+    import csv
+    import sys
+    import types
+
+    from image.sample import generate, sampler_table
+
+    calls = []
+
+    def fake_evaluate(images, labels, dataset_name):  # stands in for image.evaluate: mean intensity
+        calls.append((images.clone(), dataset_name))
+        return {"mean": float(images.float().mean()), "note": "not a number: left out"}
+
+    monkeypatch.setitem(sys.modules, "image.evaluate", types.SimpleNamespace(evaluate_samples=fake_evaluate))
+    d, _ = _run(tmp_path, small(class_dropout_prob=0.1))
+    rows = sampler_table(d, ["euler", "heun"], [3, 6], 2, 2.0, seed=5, out=tmp_path / "t.csv")
+    assert [(r["sampler"], r["nfe_budget"]) for r in rows] == [("euler", 3), ("euler", 6), ("heun", 3), ("heun", 6)]
+    assert rows[0]["nfe"] == 3 and rows[0]["network_evals_per_sample"] == 6 and "note" not in rows[0]
+    imgs, _ = generate(d, 2, "heun", 6, 2.0, seed=5)
+    assert torch.equal(calls[3][0], imgs) and calls[3][1] == "digits"
+    assert rows[3]["mean"] == pytest.approx(float(imgs.float().mean()))
+    with open(tmp_path / "t.csv") as f:
+        assert len(list(csv.DictReader(f))) == 4
+
+
 def test_save_grid_layout(tmp_path):
     from PIL import Image
 
