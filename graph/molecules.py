@@ -103,11 +103,11 @@ def canonical_smiles(smiles: str | Chem.Mol | None, isomeric: bool = False) -> s
     return Chem.MolToSmiles(mol, isomericSmiles=isomeric)
 
 
-def read_smiles_file(path: str | Path, column: str | int = 0) -> tuple[list[str], list[tuple[int, str, str]]]:
+def read_smiles_file(path: str | Path, column: str | int = "smiles") -> tuple[list[str], list[tuple[int, str, str]]]:
     """SMILES from a text/CSV file (``.gz`` accepted): one molecule a line, ``column`` a header name or index.
 
-    Lines are split on commas, tabs or spaces; a first line that does not parse and names ``column``
-    (or is the header ``smiles``) is taken as a header. Returns ``(smiles, invalid)``: the parsing
+    Lines are split on commas, tabs or spaces; a first line that names ``column`` (or starts with the
+    word ``smiles``) is a header. A name not in the header (or no header) reads the first field. Returns ``(smiles, invalid)``: the parsing
     SMILES, and ``(line_number, text, reason)`` for each line RDKit rejects. Invalid lines are also
     reported by a warning with their count.
     """
