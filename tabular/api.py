@@ -135,7 +135,7 @@ class TabularDiffusion:
             return max(0.0, (fc.steps - step) / max(1, fc.steps - fc.warmup_steps))
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
-        ema = EMA(model, [fc.ema_decay])
+        ema = EMA(model, [fc.ema_decay], warmup=True)  # early averages not dominated by the init
         dgen = torch.Generator(device=dev).manual_seed(fc.seed + 1) if dev.type != "cpu" else gen
         perm, pos = torch.randperm(n, generator=gen), 0
         start = time.perf_counter()

@@ -163,7 +163,7 @@ class QuantileNormal:
     def forward(self, x: np.ndarray) -> np.ndarray:
         q = self.quantiles
         up = np.interp(x, q, self.levels)
-        down = 1.0 - np.interp(-x, -q[::-1], self.levels[::-1])
+        down = -np.interp(-x, -q[::-1], -self.levels[::-1])
         u = np.clip(0.5 * (up + down), self.CLIP, 1 - self.CLIP)
         return ndtri(u)
 

@@ -23,9 +23,11 @@ Features are ordered categorical first (schema categories, then missingness flag
 columns), then numerical, as in the official code.
 
 Sampling runs through :mod:`core.samplers`. The samplers see one path; here every feature ``f``
-has its own ``sigma_f(u)`` on the shared time ``u = t``. The path the sampler integrates on is
-:class:`WarpedSigmaPath` built from the reference schedule (the one with the largest shape
-``v``), and the probability-flow ODE of feature ``f``,
+has its own ``sigma_f(u)`` on the shared uniform time ``u``. The sampler integrates on EDM's path
+``sigma = sigma_max t`` (:class:`core.paths.EDMPath`) of the reference schedule (the one with the
+largest shape ``v``): ``t = sigma_ref(u) / sigma_max``, so Euler in ``t`` is the official sampler's
+Euler step in sigma, and the grid is uniform in ``u`` like the official one (the network is never
+asked about noise levels far below those it was trained on). The probability-flow ODE of feature ``f``,
 
     dx_f/dt = (d log sigma_f / dt) (x_f - D_f),
 
@@ -37,10 +39,14 @@ at low noise, ``-> 0`` or a constant at high noise). Features on the reference s
 the softmax is taken in float32 after removing the max logit, and the categories a caller forbids
 (e.g. the missing category when imputing) get ``-inf`` logits before interpolation.
 
-Conditioning and imputation fix some features by replacement (Song et al. 2021, sec. 5 / RePaint
-without resampling): the known coordinates are set to ``x0 + sigma_f(t) eps`` (one fixed ``eps``
-per row, the PF-ODE trajectory of a point mass) before each network call and their denoised
-value is ``x0``; the other features see them through the network.
+Conditioning and imputation: with ``cond_prob > 0`` (default) a random fraction of training rows
+has a random subset of features given clean (sigma = 0) and flagged as known to the network, their
+loss dropped, so the same network learns ``p(rest | known)`` (the masked-conditioning trick of
+inpainting models; an extension of the paper, which trains unconditionally). At sampling, fixed
+features are given clean with their flag. With ``cond_prob = 0`` conditioning falls back to
+replacement (Song et al. 2021, sec. 5; RePaint without resampling): the known coordinates are set to
+``x0 + sigma_f(t) eps`` (one fixed ``eps`` per row, the PF-ODE trajectory of a point mass) before
+each network call and their denoised value is ``x0``.
 """
 
 from __future__ import annotations
@@ -55,7 +61,7 @@ from torch import nn
 from core.losses import uniform_time
 from core.nn.embeddings import TimestepEmbedder
 from core.nn.transformer import TokenTransformer, TransformerConfig, modulate
-from core.paths import GaussianPath
+from core.paths import EDMPath, LinearPath
 from core.samplers import sample as core_sample
 
 R_MAX = 10.0  # guard on the schedule ratio r_f of the sampler (see the module docstring)
@@ -82,6 +88,10 @@ class CDTDConfig:
     weight_low_noise: float = 3.0  # initial schedule puts this much more weight on low noise
     cat_emb_init_sigma: float = 1e-3
     calibrate_losses: bool = True
+    # Fraction of training rows in which a random subset of features is given clean (sigma = 0) and
+    # flagged as known, so that one network also learns p(rest | known) for conditioning and
+    # imputation. 0 disables it; conditioning then falls back to replacement.
+    cond_prob: float = 0.25
 
     def __post_init__(self):
         def bad(name, why):
@@ -96,6 +106,8 @@ class CDTDConfig:
                 bad(name, "must be >= 1")
         if self.token_dim % self.num_heads:
             bad("token_dim", f"must be divisible by num_heads={self.num_heads}")
+        if not 0.0 <= self.cond_prob < 1.0:
+            bad("cond_prob", "must be in [0, 1)")
         for name in ("sigma_data", "sigma_max_cat", "sigma_max_num", "weight_low_noise", "cat_emb_init_sigma"):
             if not getattr(self, name) > 0:
                 bad(name, "must be > 0")
@@ -187,42 +199,6 @@ class LogisticTimewarp(nn.Module):
         return float(m[ref]), float(v[ref]), float(self.sigma_max[feat])
 
 
-class WarpedSigmaPath(GaussianPath):
-    """``alpha = 1``, ``sigma(t) = sigma_max sigmoid(logit mu + logit(t) / v)``: one learned CDTD schedule
-    as a core path, so that :mod:`core.grids` and :mod:`core.samplers` run on it unchanged."""
-
-    name = "cdtd_warped"
-
-    def __init__(self, logit_mu: float, v: float, sigma_max: float):
-        super().__init__(0.0, 1.0)
-        self.m, self.v, self.sigma_max = float(logit_mu), float(v), float(sigma_max)
-
-    def alpha(self, t):
-        return torch.ones_like(torch.as_tensor(t, dtype=torch.float64))
-
-    def d_alpha(self, t):
-        return torch.zeros_like(torch.as_tensor(t, dtype=torch.float64))
-
-    def sigma(self, t):
-        t = torch.as_tensor(t, dtype=torch.float64)
-        s = torch.sigmoid(self.m + torch.logit(t.clamp(1e-300, 1.0)) / self.v)
-        return torch.where(t <= 0, torch.zeros_like(s), torch.where(t >= 1, torch.ones_like(s), s)) * self.sigma_max
-
-    def d_sigma(self, t):
-        t = torch.as_tensor(t, dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
-        s = torch.sigmoid(self.m + torch.logit(t) / self.v)
-        return self.sigma_max * s * (1 - s) / (self.v * t * (1 - t))
-
-    def f(self, t):
-        return torch.zeros_like(torch.as_tensor(t, dtype=torch.float64))
-
-    def t_from_log_snr(self, lam):
-        sig = torch.exp(-0.5 * torch.as_tensor(lam, dtype=torch.float64))
-        x = (sig / self.sigma_max).clamp(1e-300, 1.0)
-        t = torch.sigmoid(self.v * (torch.logit(x.clamp(max=1 - 1e-16)) - self.m))
-        return torch.where(x >= 1.0, torch.ones_like(t), t)
-
-
 # -- networks --------------------------------------------------------------------------------------
 
 
@@ -255,17 +231,30 @@ class CatEmbedding(nn.Module):
 class MLPDenoiser(nn.Module):
     """TabDDPM-style MLP (as CDTD's default): inputs concatenated, plus a time embedding, SiLU layers."""
 
-    def __init__(self, n_num: int, n_cat: int, emb_dim: int, out_dim: int, hidden: int, layers: int):
+    def __init__(self, n_num: int, n_cat: int, emb_dim: int, out_dim: int, hidden: int, layers: int,
+                 known_input: bool = False):
         super().__init__()
-        self.proj = nn.Linear(n_num + n_cat * emb_dim, hidden)
+        self.known_input = known_input
+        n_in = n_num + n_cat * emb_dim
+        # with known features: a second copy of the inputs, zero except on known features, and the flags,
+        # so that a known value reaches the network on its own additive path
+        self.proj = nn.Linear(n_in + (n_in + n_num + n_cat) * known_input, hidden)
         self.t_embed = TimestepEmbedder(hidden, 128)
         self.layers = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(layers))
         self.out = nn.Linear(hidden, out_dim)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
-    def forward(self, x_num, x_cat, c_noise):
-        h = self.proj(torch.cat([x_num, x_cat.flatten(1)], 1)) + self.t_embed(c_noise)
+    def forward(self, x_num, x_cat, c_noise, known=None):
+        parts = [x_num, x_cat.flatten(1)]
+        if self.known_input:
+            n_cat = x_cat.shape[1]
+            if known is None:
+                k = x_num.new_zeros(x_num.shape[0], n_cat + x_num.shape[1])
+            else:
+                k = known.to(x_num.dtype)
+            parts += [x_num * k[:, n_cat:], (x_cat * k[:, :n_cat, None]).flatten(1), k]
+        h = self.proj(torch.cat(parts, 1)) + self.t_embed(c_noise)
         for layer in self.layers:
             h = F.silu(layer(F.silu(h)))
         return self.out(h)
@@ -299,6 +288,7 @@ class TransformerDenoiser(nn.Module):
         self.num_in = NLinear(max(n_num, 1), 1, D)
         self.cat_in = NLinear(max(len(self.cards), 1), emb_dim, D)
         self.col_embed = nn.Parameter(torch.randn(n_feat, D) * 0.02)
+        self.known_embed = nn.Parameter(torch.randn(n_feat, D) * 0.02)  # added to tokens given clean
         self.core = TokenTransformer(TransformerConfig(dim=D, depth=cfg.depth, num_heads=cfg.num_heads,
                                                        frequency_dim=128, mlp_ratio=2.0))
         self.norm = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
@@ -309,13 +299,15 @@ class TransformerDenoiser(nn.Module):
         self.head = NLinear(n_feat, D, kmax)
         nn.init.zeros_(self.head.weight)
 
-    def forward(self, x_num, x_cat, c_noise):
+    def forward(self, x_num, x_cat, c_noise, known=None):
         tokens = []
         if len(self.cards):
             tokens.append(self.cat_in(x_cat))
         if self.n_num:
             tokens.append(self.num_in(x_num[..., None]))
         h = torch.cat(tokens, 1) + self.col_embed
+        if known is not None:
+            h = h + known[..., None].to(h.dtype) * self.known_embed
         c = self.core.condition(c_noise)
         h = self.core(h, c)
         shift, scale = self.modulation(F.silu(c)).chunk(2, dim=-1)
@@ -365,7 +357,7 @@ class CDTD(nn.Module):
         self.cat_emb = CatEmbedding(self.cards, d, cfg.cat_emb_init_sigma)
         out_dim = sum(self.cards) + n_num
         if cfg.denoiser == "mlp":
-            self.net = MLPDenoiser(n_num, self.n_cat, d, out_dim, cfg.hidden, cfg.mlp_layers)
+            self.net = MLPDenoiser(n_num, self.n_cat, d, out_dim, cfg.hidden, cfg.mlp_layers, cfg.cond_prob > 0)
         else:
             self.net = TransformerDenoiser(n_num, self.cards, d, cfg)
         if proportions is None:
@@ -388,17 +380,18 @@ class CDTD(nn.Module):
 
     # -- EDM preconditioning -------------------------------------------------------------------------
 
-    def precondition(self, x_cat_t, x_num_t, u, sigma):
+    def precondition(self, x_cat_t, x_num_t, u, sigma, known=None):
         """Logits of each categorical feature (list of (B, K_j)) and denoised numericals D (B, n_num).
 
-        x_cat_t (B, n_cat, d), x_num_t (B, n_num), u (B,), sigma (B, F) float.
+        x_cat_t (B, n_cat, d), x_num_t (B, n_num), u (B,), sigma (B, F) float; known (B, F) bool:
+        features given clean (their sigma is 0), flagged to the network.
         """
         sd = self.cfg.sigma_data
         s_cat, s_num = sigma[:, : self.n_cat], sigma[:, self.n_cat:]
         c_in_cat = 1.0 / (sd**2 + s_cat**2).sqrt()
         c_in_num = 1.0 / (sd**2 + s_num**2).sqrt()
         c_noise = torch.log(u + 1e-8) * 0.25 * 1000  # official code: log(u) / 4, on DiT's 0..1000 scale
-        out = self.net(c_in_num * x_num_t, c_in_cat[..., None] * x_cat_t, c_noise)
+        out = self.net(c_in_num * x_num_t, c_in_cat[..., None] * x_cat_t, c_noise, known)
         logits = out[:, : sum(self.cards)] + self.logit_init
         logits = list(logits.split(self.cards, 1)) if self.cards else []
         f_num = out[:, sum(self.cards):]
@@ -420,12 +413,21 @@ class CDTD(nn.Module):
         u = uniform_time(_UNIT, B, generator=generator, device=dev, stratified=True)  # low-discrepancy (VDM)
         sigma = self.timewarp.sigma(u).float()  # (B, F)
         u = u.float()
+        known = None
+        free = torch.ones(B, device=dev, dtype=torch.bool)  # rows without known features
+        if self.cfg.cond_prob > 0:
+            rows = torch.rand(B, generator=generator, device=dev) < self.cfg.cond_prob
+            frac = torch.rand(B, 1, generator=generator, device=dev)
+            known = (torch.rand(B, self.n_feat, generator=generator, device=dev) < frac) & rows[:, None]
+            known &= ~known.all(1, keepdim=True)  # keep at least one feature to generate
+            free = ~known.any(1)
+            sigma = sigma.masked_fill(known, 0.0)
         emb0 = self.cat_emb(x_cat)
         noise_cat = torch.randn(emb0.shape, generator=generator, device=dev)
         noise_num = torch.randn(x_num.shape, generator=generator, device=dev)
         x_cat_t = emb0 + noise_cat * sigma[:, : self.n_cat, None]
         x_num_t = x_num + noise_num * sigma[:, self.n_cat:]
-        logits, d_num = self.precondition(x_cat_t, x_num_t, u, sigma)
+        logits, d_num = self.precondition(x_cat_t, x_num_t, u, sigma, known)
         ce = (torch.stack([F.cross_entropy(lg, x_cat[:, j], reduction="none") for j, lg in enumerate(logits)], 1)
               if logits else x_num.new_zeros(B, 0))
         mse = (d_num - x_num) ** 2
@@ -436,21 +438,65 @@ class CDTD(nn.Module):
         w_num = (s_num**2 + sd**2) / ((s_num * sd) ** 2 + 1e-7)  # EDM's lambda(sigma)
         unweighted = torch.cat([ce, mse], 1)
         calibrated = unweighted / self.normal_const
-        warp = self.timewarp.fit_loss(sigma.double(), calibrated.detach().double()).float()
         weighted = torch.cat([ce, w_num * mse], 1) / self.normal_const
+        if known is not None:  # known features are inputs, not targets
+            weighted = weighted * (~known).to(weighted.dtype)
+        # schedule and loss-weight fits see only rows without known features (their sigma is the schedule's)
+        fw = free.to(weighted.dtype)
+        warp = self.timewarp.fit_loss(sigma.double(), calibrated.detach().double()).float()
+        warp = (warp * fw[:, None]).sum() / (fw.sum() * warp.shape[1]).clamp_min(1.0)
         log_w = self.weight_net(torch.log(u + 1e-8) * 0.25)
-        weight_loss = (log_w.exp() - weighted.detach().mean(1)) ** 2
+        weight_loss = ((log_w.exp() - weighted.detach().mean(1)) ** 2 * fw).sum() / fw.sum().clamp_min(1.0)
         main = (weighted / log_w.exp().detach()[:, None]).mean()
-        total = main + warp.mean() + weight_loss.mean()
+        total = main + warp + weight_loss
         with torch.no_grad():
             stats = {"loss": float(unweighted.mean()), "ce": float(ce.mean()) if ce.numel() else 0.0,
                      "mse": float(mse.mean()) if mse.numel() else 0.0}
         return total, stats
 
+    @torch.no_grad()
+    def denoising_error(self, x_num, x_cat, sigma: float, num_observed=None, generator=None) -> float:
+        """Mean unweighted loss (cross-entropy and squared error per feature) at one fixed noise level
+        ``sigma`` for every feature: a measure of fit that, unlike the training loss, does not move
+        with the learned schedule."""
+        B = x_num.shape[0]
+        dev = x_num.device
+        sig = torch.full((B, self.n_feat), float(sigma), device=dev)
+        u = torch.full((B,), 0.5, device=dev)  # only the network's time input; fixed for comparability
+        emb0 = self.cat_emb(x_cat)
+        x_cat_t = emb0 + torch.randn(emb0.shape, generator=generator, device=dev) * sigma
+        x_num_t = x_num + torch.randn(x_num.shape, generator=generator, device=dev) * sigma
+        logits, d_num = self.precondition(x_cat_t, x_num_t, u, sig)
+        errs = [F.cross_entropy(lg, x_cat[:, j]) for j, lg in enumerate(logits)]
+        mse = (d_num - x_num) ** 2
+        if num_observed is not None:
+            mse = mse[num_observed]
+        if mse.numel():
+            errs.append(mse.mean())
+        return float(torch.stack(errs).mean())
+
     # -- sampling ------------------------------------------------------------------------------------
 
-    def path(self) -> WarpedSigmaPath:
-        return WarpedSigmaPath(*self.timewarp.reference())
+    def path(self) -> EDMPath:
+        """The sampler's path: EDM's ``sigma = sigma_max t`` with the reference schedule's sigma_max."""
+        _, _, smax = self.timewarp.reference()
+        return EDMPath(sigma_max=smax)
+
+    def u_of_t(self, t: float) -> float:
+        """Uniform time ``u`` of sampler time ``t = sigma_ref / sigma_max``: the reference schedule's CDF."""
+        m, v, _ = self.timewarp.reference()
+        if t <= 0.0 or t >= 1.0:
+            return min(max(t, 0.0), 1.0)
+        return 1.0 / (1.0 + math.exp(-v * (math.log(t / (1 - t)) - m)))
+
+    def u_grid(self, steps: int) -> torch.Tensor:
+        """Sampler times of ``steps`` equal steps in ``u`` from 1 to 0 (the official sampler's grid):
+        the network is evaluated at the noise levels it was trained on, never far below them."""
+        m, v, _ = self.timewarp.reference()
+        u = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+        t = torch.sigmoid(m + torch.logit(u.clamp(1e-12, 1 - 1e-12)) / v)
+        t[0], t[-1] = 1.0, 0.0
+        return t
 
     def _expand(self, per_feature: torch.Tensor) -> torch.Tensor:
         """(..., F) per feature -> (..., P) per coordinate of the flat state [numerical, embeddings]."""
@@ -464,22 +510,29 @@ class CDTD(nn.Module):
     def make_denoiser(self, known: dict | None = None, forbid: list[torch.Tensor] | None = None):
         """``D'(x, t)`` for the core samplers (see the module docstring); keeps the last logits.
 
-        known: ``{"mask": (B, F) bool, "x0": (B, P) clean flat state, "eps": (B, P)}`` for replacement.
+        known: ``{"mask": (B, F) bool, "pmask": (B, P) the same per coordinate, "x0": (B, P) clean flat
+        state, "eps": (B, P)}``: fixed features, given clean (``cond_prob > 0``) or by replacement.
         forbid: per categorical feature a (K_j,) bool of categories never generated.
         """
         state = {"logits": None}
 
         def denoiser(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            u = float(t.reshape(-1)[0])
+            u = self.u_of_t(float(t.reshape(-1)[0]))
             sig_f = self.timewarp.sigma(torch.tensor([u], dtype=torch.float64, device=x.device))[0]  # (F,)
             sig_p = self._expand(sig_f).to(x.dtype)
+            B = x.shape[0]
+            sig_b = sig_f.float().expand(B, -1)
+            flags = None
             if known is not None:
                 km = known["pmask"]
-                x = torch.where(km, known["x0"] + sig_p * known["eps"], x)
+                if self.cfg.cond_prob > 0:  # trained with clean known features: give them clean
+                    x = torch.where(km, known["x0"], x)
+                    flags = known["mask"]
+                    sig_b = sig_b.masked_fill(flags, 0.0)
+                else:  # replacement: the known features on their own noisy trajectory
+                    x = torch.where(km, known["x0"] + sig_p * known["eps"], x)
             x_num, x_cat = self._split(x)
-            B = x.shape[0]
-            logits, d_num = self.precondition(x_cat, x_num, torch.full((B,), u, device=x.device),
-                                              sig_f.float().expand(B, -1))
+            logits, d_num = self.precondition(x_cat, x_num, torch.full((B,), u, device=x.device), sig_b, flags)
             d_cat = []
             for j, lg in enumerate(logits):
                 lg = lg.float()
@@ -500,13 +553,15 @@ class CDTD(nn.Module):
         return denoiser
 
     @torch.no_grad()
-    def sample_encoded(self, n: int, *, sampler: str = "euler", steps: int = 50, generator=None,
+    def sample_encoded(self, n: int, *, sampler: str = "euler", steps: int = 50, grid="uniform_u", generator=None,
                        known_mask: torch.Tensor | None = None, known_num: torch.Tensor | None = None,
                        known_cat: torch.Tensor | None = None, forbid=None, **options):
         """n rows as (x_num (n, n_num), x_cat codes (n, n_cat)).
 
         known_mask (n, F) bool with known_num (n, n_num) / known_cat (n, n_cat): features fixed by
-        replacement. Noise at t = 1 is ``sigma_f(1) z`` per feature.
+        replacement. Noise at t = 1 is ``sigma_f(1) z`` per feature. ``grid``: ``"uniform_u"`` (equal
+        steps in the schedule's uniform time, default), else anything :func:`core.samplers.sample` takes
+        (a number of steps on its default grid, a grid name through ``grid_kind``, a tensor of times).
         """
         dev = self.logit_init.device
         P = sum(self._sizes)
@@ -514,13 +569,16 @@ class CDTD(nn.Module):
         sig1 = self._expand(self.timewarp.sigma(torch.ones(1, dtype=torch.float64, device=dev))[0]).float()
         x = torch.randn(n, P, generator=generator, device=dev) * sig1
         known = None
+        if grid is None:
+            grid = steps
         if known_mask is not None and bool(known_mask.any()):
             x0_cat = self.cat_emb(known_cat.to(dev)).flatten(1) if self.n_cat else torch.zeros(n, 0, device=dev)
             x0 = torch.cat([known_num.to(dev).float(), x0_cat], 1)
             eps = torch.randn(n, P, generator=generator, device=dev)
-            known = {"pmask": self._expand(known_mask.to(dev)), "x0": x0, "eps": eps}
+            known = {"pmask": self._expand(known_mask.to(dev)), "mask": known_mask.to(dev), "x0": x0, "eps": eps}
         D = self.make_denoiser(known, forbid)
-        out, _ = core_sample(sampler, D, path, x, grid=steps, generator=generator, **options)
+        grid = self.u_grid(steps) if isinstance(grid, str) and grid == "uniform_u" else grid
+        out, _ = core_sample(sampler, D, path, x, grid=grid, generator=generator, **options)
         x_num, _ = self._split(out)
         logits = D.state["logits"]
         x_cat = (torch.stack([lg.argmax(1) for lg in logits], 1) if logits
@@ -531,4 +589,4 @@ class CDTD(nn.Module):
         return x_num, x_cat
 
 
-_UNIT = WarpedSigmaPath(0.0, 1.0, 1.0)  # only its [t_min, t_max] = [0, 1] is used, by uniform_time
+_UNIT = LinearPath()  # only its time range [0, 1] is used, by core.losses.uniform_time

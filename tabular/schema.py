@@ -118,9 +118,17 @@ def _category_dtype(s: pd.Series) -> str:
     return "str"
 
 
+def _category_string(v) -> str:
+    # An integer column that gained NaN turns float (1 -> 1.0): write integral floats as integers so
+    # that the same category has one spelling whatever the column's dtype.
+    if isinstance(v, float | np.floating) and float(v).is_integer():
+        return str(int(v))
+    return str(v)
+
+
 def category_strings(s: pd.Series) -> pd.Series:
-    """Categorical values as strings, NaN as :data:`MISSING` (floats like 1.0 written as '1.0')."""
-    return s.astype(object).where(s.notna(), MISSING).map(str)
+    """Categorical values as strings, NaN as :data:`MISSING`, integral floats as integers ('1', not '1.0')."""
+    return s.astype(object).where(s.notna(), MISSING).map(_category_string)
 
 
 def _looks_numeric(s: pd.Series) -> tuple[bool, object]:

@@ -38,6 +38,8 @@ from .data import DATASETS, load_csv, load_dataset, split_frame
 from .metrics import fidelity_report, plot_report
 from .model import CDTDConfig
 
+REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "tabular"
+
 
 @dataclass
 class TabularDataConfig:

@@ -1,0 +1,84 @@
+"""The CLI (CSV in, CSV out), the Hydra entry point's run and its config validation."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tabular.cli import main as cli
+from tabular.model import CDTDConfig
+from tabular.train import REPO_CONFIGS, TabularDataConfig, TabularEvalConfig, TabularSamplerConfig, run
+
+
+@pytest.fixture(scope="module")
+def csv(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    n = 300
+    df = pd.DataFrame({"a": rng.normal(size=n), "b": rng.choice(["x", "y"], n), "n": rng.integers(0, 9, n)})
+    df.loc[rng.random(n) < 0.1, "a"] = np.nan
+    path = tmp_path_factory.mktemp("csv") / "t.csv"
+    df.to_csv(path, index=False)
+    return path, df
+
+
+def test_cli_fit_sample_impute_report(csv, tmp_path, capsys):
+    path, df = csv
+    model = tmp_path / "m"
+    assert cli(["fit", str(path), "--model", str(model), "--steps", "20", "--batch-size", "64"]) == 0
+    out = tmp_path / "s.csv"
+    assert cli(["sample", "--model", str(model), "-n", "50", "--out", str(out), "--condition", "b=y",
+                "--steps", "5"]) == 0
+    s = pd.read_csv(out)
+    assert list(s.columns) == ["a", "b", "n"] and len(s) == 50 and (s["b"] == "y").all()
+    holes = df.iloc[:20].copy()
+    holes.loc[:5, "b"] = None
+    holes.to_csv(tmp_path / "h.csv", index=False)
+    assert cli(["impute", "--model", str(model), "--input", str(tmp_path / "h.csv"), "--out",
+                str(tmp_path / "f.csv")]) == 0
+    filled = pd.read_csv(tmp_path / "f.csv")
+    assert filled["b"].notna().all() and (filled["n"] == holes["n"]).all()
+    assert cli(["report", "--real", str(path), "--holdout", str(path), "--synthetic", f"cdtd={out}",
+                "--baseline", "--out", str(tmp_path / "rep")]) == 0
+    rep = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert set(rep["models"]) == {"cdtd", "gaussian_copula"}
+    # bad input: one line naming the column, exit code 2
+    bad = df.copy().astype({"a": object})
+    bad.loc[3, "a"] = "oops"
+    bad.loc[4:, "a"] = bad.loc[4:, "a"].astype(str)
+    bad.to_csv(tmp_path / "bad.csv", index=False)
+    capsys.readouterr()
+    assert cli(["fit", str(tmp_path / "bad.csv"), "--model", str(tmp_path / "m2"), "--steps", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "'a'" in err and "'oops'" in err
+
+
+@pytest.mark.slow
+def test_run_writes_csv_report_and_pngs(tmp_path):
+    data = TabularDataConfig(name="german", max_train_rows=300)
+    rep = run(CDTDConfig(hidden=32, mlp_layers=1, emb_dim=4), data, TabularSamplerConfig(steps=5, n_samples=300),
+              TabularEvalConfig(), {"steps": 20, "batch_size": 64, "warmup_steps": 2, "progress": False}, tmp_path)
+    for name in ("synthetic.csv", "copula.csv", "report.json", "marginals.png", "correlation_diff.png",
+                 "model/model.safetensors", "model/tabular.json"):
+        assert (tmp_path / name).is_file(), name
+    assert set(rep["models"]) == {"cdtd", "gaussian_copula"} and rep["timing"]["sample_rows"] == 300
+    assert len(pd.read_csv(tmp_path / "synthetic.csv")) == 300
+
+
+def test_config_validation_names_the_bad_value():
+    with pytest.raises(ValueError, match="data.name"):
+        TabularDataConfig(name="nope").validate()
+    with pytest.raises(ValueError, match="data.path"):
+        TabularDataConfig(name="csv", path="/no/such.csv").validate()
+    with pytest.raises(ValueError, match="sampler.name"):
+        TabularSamplerConfig(name="nope").validate()
+    assert (REPO_CONFIGS / "config.yaml").is_file()
+
+
+@pytest.mark.slow
+def test_hydra_entry_point_rejects_a_bad_config(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "tabular.train", "data.name=nope", f"hydra.run.dir={tmp_path}"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "data.name" in r.stderr

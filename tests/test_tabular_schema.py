@@ -1,0 +1,138 @@
+"""Schema inference, errors naming columns, the encoder round trip, and the shipped data sets."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tabular.data import DATASETS, QuantileNormal, TableEncoder, load_adult, load_diamonds, load_german
+from tabular.schema import MISSING, Schema, infer_schema
+
+
+def mixed_frame(n=60, seed=0):
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame({
+        "age": rng.integers(18, 80, n),
+        "income": rng.normal(5e4, 1e4, n),
+        "city": rng.choice(["a", "b", "c"], n).astype(object),
+        "flag": rng.integers(0, 2, n),
+        "ok": rng.random(n) < 0.5,
+    })
+
+
+def test_inference_types():
+    s = infer_schema(mixed_frame())
+    kinds = {c.name: c.kind for c in s.columns}
+    assert kinds == {"age": "numerical", "income": "numerical", "city": "categorical", "flag": "categorical",
+                     "ok": "categorical"}
+    assert s["age"].integer and not s["income"].integer
+    assert s["city"].categories == ["a", "b", "c"]
+    # declared types win over inference
+    s2 = infer_schema(mixed_frame(), categorical=["age"], numerical=["flag"])
+    assert s2["age"].kind == "categorical" and s2["flag"].kind == "numerical"
+
+
+def test_constant_and_single_category_columns():
+    df = mixed_frame()
+    df["const"] = 7
+    df["one_cat"] = "x"
+    with pytest.warns(UserWarning, match="'const'"):
+        s = infer_schema(df)
+    assert s["const"].kind == "constant" and s["const"].value == 7
+    assert s["one_cat"].kind == "constant" and s["one_cat"].value == "x"
+    with pytest.raises(ValueError, match="'const'"):
+        infer_schema(df, constant="error")
+    with pytest.raises(ValueError, match="'one_cat'"):
+        infer_schema(df.drop(columns="const"), constant="error")
+
+
+def test_unparseable_value_names_column_and_value():
+    df = mixed_frame()
+    df["weight"] = [str(v) for v in np.arange(len(df))]
+    df.loc[17, "weight"] = "12kg"
+    with pytest.raises(ValueError, match=r"'weight'.*'12kg'"):
+        infer_schema(df)
+    # declared numerical: same error; declared categorical: accepted
+    with pytest.raises(ValueError, match=r"'weight'.*'12kg'"):
+        infer_schema(df, numerical=["weight"])
+    assert infer_schema(df, categorical=["weight"])["weight"].kind == "categorical"
+    df2 = mixed_frame()
+    df2.loc[3, "income"] = np.inf
+    with pytest.raises(ValueError, match="'income'.*infinite"):
+        infer_schema(df2)
+
+
+def test_missing_values_are_modelled_not_dropped():
+    df = mixed_frame()
+    df.loc[[1, 5], "income"] = np.nan
+    df.loc[[2], "city"] = None
+    s = infer_schema(df)
+    assert s["income"].has_missing and s["income"].kind == "numerical"
+    assert MISSING in s["city"].categories and s["city"].has_missing
+    df["empty"] = np.nan
+    with pytest.raises(ValueError, match="'empty'.*entirely missing"):
+        infer_schema(df)
+
+
+def test_bad_arguments_name_the_column():
+    df = mixed_frame()
+    with pytest.raises(ValueError, match="'nope'"):
+        infer_schema(df, categorical=["nope"])
+    with pytest.raises(ValueError, match="'age'.*both"):
+        infer_schema(df, categorical=["age"], numerical=["age"])
+    with pytest.raises(TypeError):
+        infer_schema(df.to_numpy())
+
+
+def test_schema_json_round_trip():
+    df = mixed_frame()
+    df.loc[[1], "income"] = np.nan
+    s = infer_schema(df)
+    assert Schema.from_json(s.to_json()) == s
+
+
+def test_encoder_round_trip_and_unknown_category():
+    df = mixed_frame(200)
+    df.loc[[3, 9], "income"] = np.nan
+    df.loc[[4], "city"] = np.nan
+    s = infer_schema(df)
+    enc = TableEncoder.fit(df, s)
+    x_num, x_cat = enc.encode(df)
+    assert x_num.dtype == np.float32 and x_cat.dtype == np.int64
+    assert enc.cardinalities == [4, 2, 2, 2]  # city (+missing), flag, ok, income missingness flag
+    assert np.isfinite(x_num).all() and abs(x_num[:, 1].mean()) < 0.2  # normal scores
+    back = enc.decode(x_num, x_cat)
+    assert list(back.columns) == list(df.columns)
+    pd.testing.assert_series_equal(back["age"], df["age"], check_dtype=False)
+    np.testing.assert_allclose(back["income"], df["income"], rtol=1e-4)
+    assert back["income"].isna().tolist() == df["income"].isna().tolist()
+    assert back["city"].isna().tolist() == df["city"].isna().tolist()
+    assert (back["city"].dropna() == df["city"].dropna()).all()
+    assert (back["ok"] == df["ok"]).all() and back["ok"].dtype == bool
+    bad = df.copy()
+    bad.loc[0, "city"] = "zzz"
+    with pytest.raises(ValueError, match="'city'.*'zzz'"):
+        enc.encode(bad)
+
+
+def test_quantile_normal_matches_normal_scores():
+    rng = np.random.default_rng(0)
+    x = rng.exponential(size=5000)
+    q = QuantileNormal.fit(x)
+    z = q.forward(x)
+    assert abs(z.mean()) < 0.02 and abs(z.std() - 1) < 0.03
+    inner = (x > x.min()) & (x < x.max())  # the two extremes sit on the clipped tails
+    np.testing.assert_allclose(q.inverse(z)[inner], x[inner], rtol=1e-6, atol=1e-9)
+    assert abs(q.inverse(z).max() - x.max()) < 1e-3
+
+
+def test_shipped_data_sets():
+    train, test = load_adult()
+    assert train.shape == (32561, 15) and test.shape == (16281, 15)
+    assert set(train["income"]) == set(test["income"]) == {"<=50K", ">50K"}
+    assert train["workclass"].isna().sum() > 0  # '?' kept as missing, not dropped
+    german = load_german()
+    assert german.shape == (1000, 21) and not german["status"].str.startswith("A1").any()
+    assert set(german["credit"]) == {"good", "bad"}
+    assert load_diamonds().shape == (53940, 10)
+    for spec in DATASETS.values():
+        assert spec.target in spec.categorical or spec.task == "regression"
