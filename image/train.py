@@ -53,6 +53,7 @@ class ImageDataConfig:
     latent: str | None = None  # an image.train_autoencoder run or a diffusers AutoencoderKL folder
     latent_kind: str = "auto"  # auto | polydiff | diffusers
     latent_scale: float | None = None  # override the codec's scaling factor
+    on_error: str = "raise"  # name=folder: raise on unreadable files (listing them) or skip them with a warning
 
     def validate(self) -> None:
         if self.name not in DATASETS:
@@ -67,6 +68,8 @@ class ImageDataConfig:
             raise ValueError(f"data.channels must be 1, 3 or null, got {self.channels!r}")
         if self.limit < 0:
             raise ValueError(f"data.limit must be >= 0, got {self.limit!r}")
+        if self.on_error not in ("raise", "skip"):
+            raise ValueError(f"data.on_error must be 'raise' or 'skip', got {self.on_error!r}")
         if self.latent_kind not in ("auto", "polydiff", "diffusers"):
             raise ValueError(f"data.latent_kind must be auto, polydiff or diffusers, got {self.latent_kind!r}")
         if self.latent is not None and not Path(self.latent).is_dir():
@@ -116,9 +119,13 @@ def load_training_images(cfg: ImageDataConfig, split: str = "train"):
     from .data import load_images
 
     kwargs = {"split": split, "root": cfg.root, "image_size": cfg.image_size, "channels": cfg.channels}
+    if cfg.name == "folder":
+        kwargs["on_error"] = cfg.on_error
     images = load_images(cfg.name, **kwargs)
     if cfg.limit and cfg.limit < len(images.labels):
-        images = dataclasses.replace(images, images=images.images[: cfg.limit], labels=images.labels[: cfg.limit])
+        files = list(getattr(images, "files", []) or [])[: cfg.limit]
+        images = dataclasses.replace(images, images=images.images[: cfg.limit], labels=images.labels[: cfg.limit],
+                                     **({"files": files} if files else {}))
     return images
 
 

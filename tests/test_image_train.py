@@ -189,3 +189,23 @@ def test_final_evaluation_writes_eval_json(tmp_path):
     result = run(out, "sampler.eval_per_class=5")
     ev = json.loads((out / "eval.json").read_text())
     assert ev == result["eval"] and ev["per_class"] == 5
+
+
+def test_folder_data_reports_a_corrupt_file_or_skips_it(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "imgs"
+    rng = np.random.default_rng(0)
+    for c in ("cat", "dog"):
+        (root / c).mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray(rng.integers(0, 255, (12, 10, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    (root / "dog" / "broken.png").write_bytes(b"not a png")
+    common = ("data=folder", f"data.root={root}", "data.image_size=8", "trainer.batch_size=4")
+    with pytest.raises(ValueError, match="broken.png"):
+        run(tmp_path / "strict", *common)
+    out = tmp_path / "skip"
+    run(out, *common, "data.on_error=skip")
+    info = json.loads((out / "run.json").read_text())
+    assert info["train_images"] == 10 and info["class_names"] == ["cat", "dog"] and info["in_channels"] == 3
