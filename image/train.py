@@ -138,7 +138,10 @@ def default_encoder(dataset_name: str, data_cfg: ImageDataConfig | None = None, 
     if spec == "classifier":
         from .classifier import load_or_train_classifier
 
-        clf = load_or_train_classifier(dataset_name)
+        kw = {}
+        if data_cfg is not None:
+            kw = {"root": data_cfg.root, "image_size": data_cfg.image_size, "channels": data_cfg.channels}
+        clf = load_or_train_classifier(dataset_name, **kw)
         clf.eval()
         for p in clf.parameters():
             p.requires_grad_(False)
