@@ -228,7 +228,10 @@ def test_validity_uniqueness_novelty_counts():
         validity_uniqueness_novelty([], None, train)
 
 
-def test_evaluate_molecules_on_training_copies(qm9, tmp_path):
+def test_evaluate_molecules_on_training_copies(qm9, tmp_path, monkeypatch):
+    import graph.mol_metrics as mm
+
+    monkeypatch.setattr(mm, "STATS_CACHE", tmp_path / "cache")
     idx = list(range(100, 160))
     x, adj, flags = qm9["x"][idx], qm9["adj"][idx], qm9["flags"][idx]
     x = torch.cat([x, x[:20]])  # 20 duplicates
@@ -242,6 +245,9 @@ def test_evaluate_molecules_on_training_copies(qm9, tmp_path):
     assert m["uniqueness"] == pytest.approx(n_unique / 80)
     assert m["novelty"] == pytest.approx(len(set(qm9["smiles"][130:160]) - set(train)) / n_unique)
     assert m["nspdk_mmd"] > 0 and len(uncharged) > 0
+    assert len(list((tmp_path / "cache").glob("mol_test_nspdk_*.pt"))) == 1  # test statistics kept on disk
+    again = evaluate_molecules(x, adj, flags, train, qm9["smiles"][300:400], fcd_metric=False)
+    assert again["nspdk_mmd"] == m["nspdk_mmd"]
     # outputs: SMILES, an SDF that RDKit reads back, a PNG grid
     assert len((tmp_path / "smiles.txt").read_text().split()) == 80
     assert sum(1 for mol in Chem.SDMolSupplier(str(tmp_path / "molecules.sdf")) if mol is not None) == 80
