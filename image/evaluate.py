@@ -74,12 +74,17 @@ def _check(images: Tensor, labels: Tensor) -> Tensor:
 def _reference(dataset_name: str, root: str | None, shape: tuple[int, int, int], cache_dir: str, **clf_kwargs):
     """(classifier, test ImageSet, test features, size/channel arguments) for images of ``shape``."""
     C, H, W = shape
-    split = "train" if dataset_name == "folder" else "test"
-    native = load_images(dataset_name, split, root=root)
-    size = None if native.shape[1:] == (H, W) else H
-    if H != W and size is not None:
-        raise ValueError(f"generated images are {H}x{W}, the data set's {native.shape[1:]}: cannot match non-square")
-    channels = None if native.shape[0] == C else C
+    if dataset_name == "folder":  # no split and no native size: the folder's images at the samples' size
+        split, native, size, channels = "train", None, H, C
+        if H != W:
+            raise ValueError(f"generated images are {H}x{W}: folder images are compared at a square size")
+    else:
+        split = "test"
+        native = load_images(dataset_name, split, root=root)
+        size = None if native.shape[1:] == (H, W) else H
+        if H != W and size is not None:
+            raise ValueError(f"generated images are {H}x{W}, the data set's {native.shape[1:]}: cannot match non-square")
+        channels = None if native.shape[0] == C else C
     key = (dataset_name, root, size, channels, str(cache_dir), repr(sorted(clf_kwargs.items())))
     if key not in _REFERENCE_CACHE:
         clf = load_or_train_classifier(dataset_name, cache_dir, root=root, image_size=size, channels=channels, **clf_kwargs)
@@ -174,7 +179,10 @@ def main(argv: list[str] | None = None) -> dict:
                                     batch_size=a.batch_size, return_info=True)
     sampling_seconds = time.perf_counter() - t0
     dataset = info["run"]["dataset"]
-    metrics = evaluate_samples(images, labels, dataset, root=a.data_root, cache_dir=a.cache_dir, seed=a.seed,
+    root = a.data_root or info["run"].get("data_root")
+    if dataset == "folder" and root is None:
+        raise SystemExit("this run trained on a folder of images: give it with --data-root")
+    metrics = evaluate_samples(images, labels, dataset, root=root, cache_dir=a.cache_dir, seed=a.seed,
                                inception=a.inception)
     result = {"run": str(Path(a.run).resolve()), "sampler": a.sampler, "nfe": info.get("nfe"),
               "network_evals_per_sample": info.get("network_evals_per_sample"), "cfg_scale": a.cfg_scale,

@@ -233,3 +233,48 @@ def test_evaluate_samples_at_a_padded_size(tmp_path):
 def test_classifier_rejects_bad_shapes():
     with pytest.raises(ValueError, match="bad classifier shape"):
         ImageClassifier(1, 1)
+
+
+def test_evaluate_samples_on_a_folder(tmp_path):
+    from PIL import Image
+
+    from image.evaluate import evaluate_samples
+
+    rng = np.random.default_rng(0)
+    for c, (lo, hi) in enumerate([(0, 80), (170, 256)]):  # a dark class and a bright class, mixed sizes
+        (tmp_path / "data" / f"k{c}").mkdir(parents=True)
+        for i in range(12):
+            size = (10 + i % 3, 12)
+            Image.fromarray(rng.integers(lo, hi, size, dtype=np.uint8)).save(tmp_path / "data" / f"k{c}" / f"{i}.png")
+    real = load_images("folder", root=str(tmp_path / "data"), image_size=8)
+    m = evaluate_samples(real.images, real.labels, "folder", root=str(tmp_path / "data"), cache_dir=tmp_path / "c",
+                         recipe=FASTEST, progress=False, reference=False)
+    assert m["n_test"] == 24 and m["precision"] == 1.0 and m["recall"] == 1.0
+    assert m["frechet_distance"] == pytest.approx(0, abs=1e-8) and m["classifier_test_accuracy"] is None
+    with pytest.raises(ValueError, match="needs root"):
+        evaluate_samples(real.images, real.labels, "folder", cache_dir=tmp_path / "c", recipe=FASTEST)
+
+
+def test_evaluate_cli_writes_metrics_beside_the_checkpoint(tmp_path, monkeypatch, tiny_classifier, capsys):
+    import image.evaluate as ev
+    import image.sample
+
+    cache, _ = tiny_classifier
+    test = load_images("digits", "test")
+    calls = []
+
+    def fake_generate(run, n_per_class, sampler, nfe, cfg_scale, seed, **kw):  # stands in for a trained model
+        calls.append((run, n_per_class, sampler, nfe, cfg_scale, seed))
+        return test.images, test.labels, {"nfe": nfe, "network_evals_per_sample": 2 * nfe, "run": {"dataset": "digits"}}
+
+    monkeypatch.setattr(image.sample, "generate", fake_generate)
+    real_evaluate = ev.evaluate_samples
+    monkeypatch.setattr(ev, "evaluate_samples", lambda *a, **k: real_evaluate(*a, recipe=TINY, **k))
+    ckpt = tmp_path / "ckpt_00000010.pt"
+    ckpt.write_bytes(b"")
+    result = ev.main(["--run", str(ckpt), "--per-class", "7", "--sampler", "euler", "--nfe", "5", "--cfg-scale", "2",
+                      "--cache-dir", str(cache)])
+    assert calls == [(str(ckpt), 7, "euler", 5, 2.0, 0)]
+    written = json.loads((tmp_path / "ckpt_00000010_metrics_euler_nfe5_cfg2.json").read_text())
+    assert written["precision"] == 1.0 and written["sampler"] == "euler" and written == json.loads(json.dumps(result))
+    assert "class_consistency" in capsys.readouterr().out
