@@ -241,8 +241,12 @@ def load_or_train_classifier(dataset_name: str, cache_dir: str | Path = "outputs
                 return clf
             log.warning("cached classifier %s does not match (%s differ): retraining", path, ", ".join(diff))
     run_dir = path.with_suffix(".run")
-    if retrain and run_dir.exists():
+    # an interrupted training of the same data and recipe resumes; any other is started afresh
+    stamp = run_dir / "classifier_request.json"
+    if run_dir.exists() and (retrain or not stamp.is_file() or json.loads(stamp.read_text()) != want):
         shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(json.dumps(want))
     log.info("training the evaluation classifier on %s (%d images %s)", dataset_name, len(train), train.shape)
     t0 = time.perf_counter()
     clf = train_classifier(train, recipe, out_dir=run_dir, device=device, progress=progress)

@@ -176,7 +176,11 @@ def test_classifier_save_load_round_trip_and_reuse(tiny_classifier, caplog):
 
 
 def test_classifier_retrains_when_metadata_or_weights_do_not_match(tmp_path, caplog):
+    stale = tmp_path / "digits_1x8x8_v1.run" / "checkpoints" / "ckpt_00000003.pt"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"left by a run of other data")  # not resumed from: no matching request stamp
     load_or_train_classifier("digits", tmp_path, recipe=FASTEST, progress=False, device="cpu")
+    assert not stale.parent.exists()
     path = tmp_path / "digits_1x8x8_v1.safetensors"
     first = path.read_bytes()
     other = ClassifierRecipe(**{**FASTEST.__dict__, "seed": 1})
