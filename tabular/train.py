@@ -143,7 +143,8 @@ def run(model_cfg: CDTDConfig, data_cfg: TabularDataConfig, sampler_cfg: Tabular
         copula_s = time.perf_counter() - t0
         synthetic["gaussian_copula"].to_csv(out_dir / "copula.csv", index=False)
     report = fidelity_report(train, test, synthetic, model.schema, target, task, seed=eval_cfg.report_seed)
-    report["timing"] = {"fit_seconds": model.fit_seconds, "fit_steps": model.fit_steps, "sample_seconds": sample_s,
+    report["timing"] = {"fit_seconds": model.fit_seconds, "fit_cpu_seconds": model.fit_cpu_seconds,
+                        "fit_steps": model.fit_steps, "sample_seconds": sample_s,
                         "sample_rows": n, "rows_per_second": n / sample_s, "copula_seconds": copula_s,
                         "torch_threads": torch.get_num_threads(), "loadavg_1m_at_end": os.getloadavg()[0]}
     report["config"] = {"model": asdict(model_cfg), "data": asdict(data_cfg), "sampler": asdict(sampler_cfg),
