@@ -52,7 +52,7 @@ class FitConfig:
     seed: int = 0
     time_limit_s: float | None = None  # stop early (the LR schedule still spans ``steps``)
     sampler: str = "euler"  # core sampler used by .sample()
-    sample_steps: int = 50
+    sample_steps: int = 25
     device: str = "cpu"
     progress: bool = True
 

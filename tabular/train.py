@@ -70,7 +70,7 @@ class TabularDataConfig:
 @dataclass
 class TabularSamplerConfig:
     name: str = "euler"
-    steps: int = 50
+    steps: int = 25
     n_samples: int | None = None
     seed: int = 0
     batch_size: int = 10000
