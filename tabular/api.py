@@ -50,7 +50,8 @@ class FitConfig:
     ema_decay: float = 0.999
     grad_clip: float = 10.0
     seed: int = 0
-    time_limit_s: float | None = None  # stop early (the LR schedule still spans ``steps``)
+    time_limit_s: float | None = None  # stop early after this wall time (the LR schedule still spans ``steps``)
+    cpu_time_limit_s: float | None = None  # ... or after this much CPU time of the process
     sampler: str = "euler"  # core sampler used by .sample()
     sample_steps: int = 25
     device: str = "cpu"
@@ -69,8 +70,9 @@ class FitConfig:
             bad("warmup_steps", "must be >= 0")
         if not 0.0 <= self.ema_decay < 1.0:
             bad("ema_decay", "must be in [0, 1)")
-        if self.time_limit_s is not None and not self.time_limit_s > 0:
-            bad("time_limit_s", "must be > 0 or None")
+        for name in ("time_limit_s", "cpu_time_limit_s"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                bad(name, "must be > 0 or None")
         from core.samplers import SAMPLERS
 
         if self.sampler not in SAMPLERS:
@@ -163,6 +165,8 @@ class TabularDiffusion:
             if step % 50 == 0:
                 bar.set_postfix(loss=f"{running:.4f}")
             if fc.time_limit_s is not None and time.perf_counter() - start > fc.time_limit_s:
+                break
+            if fc.cpu_time_limit_s is not None and time.process_time() - cpu0 > fc.cpu_time_limit_s:
                 break
         self.fit_seconds = time.perf_counter() - start
         self.fit_cpu_seconds = time.process_time() - cpu0  # CPU time of this process: less inflated by a shared box

@@ -90,13 +90,16 @@ class TabularEvalConfig:
     baseline: bool = True
     threads: int = 1
     time_limit_s: float | None = None
+    cpu_time_limit_s: float | None = None
     report_seed: int = 0
 
     def validate(self) -> None:
         if self.threads < 1:
             raise ValueError(f"eval.threads must be >= 1, got {self.threads!r}")
-        if self.time_limit_s is not None and not self.time_limit_s > 0:
-            raise ValueError(f"eval.time_limit_s must be > 0 or null, got {self.time_limit_s!r}")
+        for name in ("time_limit_s", "cpu_time_limit_s"):
+            v = getattr(self, name)
+            if v is not None and not v > 0:
+                raise ValueError(f"eval.{name} must be > 0 or null, got {v!r}")
 
 
 register_schema("model", "tabular_model_schema", CDTDConfig)
@@ -128,6 +131,7 @@ def run(model_cfg: CDTDConfig, data_cfg: TabularDataConfig, sampler_cfg: Tabular
     train, test, target, task, cats = load_tables(data_cfg)
     n = sampler_cfg.n_samples or len(train)
     model = TabularDiffusion(**asdict(model_cfg), **fit_kwargs, time_limit_s=eval_cfg.time_limit_s,
+                             cpu_time_limit_s=eval_cfg.cpu_time_limit_s,
                              sampler=sampler_cfg.name, sample_steps=sampler_cfg.steps)
     model.fit(train, categorical=cats)
     model.save(out_dir / "model")
