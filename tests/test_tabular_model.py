@@ -192,3 +192,18 @@ def test_bad_arguments():
         TabularDiffusion(sampler="nope")
     with pytest.raises(RuntimeError, match="not fitted"):
         TabularDiffusion().sample(3)
+
+
+@pytest.mark.parametrize("kind", ["numerical", "categorical"])
+def test_single_type_tables(kind):
+    rng = np.random.default_rng(0)
+    if kind == "numerical":
+        df = pd.DataFrame({"a": rng.normal(size=200), "b": rng.exponential(size=200)})
+    else:
+        df = pd.DataFrame({"a": rng.choice(list("xyz"), 200), "b": rng.choice(list("uv"), 200)})
+    for den in ("mlp", "transformer"):
+        m = TabularDiffusion(denoiser=den, token_dim=16, num_heads=2, depth=1, steps=10, warmup_steps=2,
+                             **{**TINY, "batch_size": 64}).fit(df)
+        s = m.sample(20, seed=0)
+        assert s.shape == (20, 2) and all(m.schema[c].kind == kind for c in df.columns)
+        assert not m.impute(df.iloc[:5].mask(np.eye(5, 2, dtype=bool))).isna().any().any()
