@@ -99,7 +99,7 @@ class ClassifierRecipe:
 
     widths: list[int] = field(default_factory=lambda: [32, 64, 128])
     convs_per_stage: int = 1
-    epochs: int = 3
+    epochs: int = 6
     min_steps: int = 1000  # small data sets train for at least this many steps
     batch_size: int = 128
     lr: float = 3e-3
