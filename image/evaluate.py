@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
                                     batch_size=a.batch_size, return_info=True)
     sampling_seconds = time.perf_counter() - t0
     dataset = info["run"]["dataset"]
-    root = a.data_root or info["run"].get("data_root")
+    root = a.data_root or (info["run"].get("data") or {}).get("root")
     if dataset == "folder" and root is None:
         raise SystemExit("this run trained on a folder of images: give it with --data-root")
     metrics = evaluate_samples(images, labels, dataset, root=root, cache_dir=a.cache_dir, seed=a.seed,
