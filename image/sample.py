@@ -272,7 +272,8 @@ def sampler_table(checkpoint_path, samplers: list[str], nfes: list[int], n_per_c
             images, labels, info = generate(checkpoint_path, n_per_class, name, nfe, cfg_scale, seed, model=loaded,
                                             return_info=True, **kwargs)
             seconds = time.perf_counter() - t0
-            metrics = evaluate_samples(images, labels, loaded[1]["dataset"])
+            metrics = evaluate_samples(images, labels, loaded[1]["dataset"],
+                                       root=(loaded[1].get("data") or {}).get("root"))
             row = {"sampler": name, "nfe_budget": nfe, "nfe": info["nfe"],
                    "network_evals_per_sample": info["network_evals_per_sample"], "cfg_scale": cfg_scale,
                    "seconds": round(seconds, 2),

@@ -231,7 +231,7 @@ def evaluate_run(out_dir: Path, sampler_cfg: ImageSamplerConfig, info: dict) -> 
                                      sampler_cfg.cfg_scale, sampler_cfg.seed, batch_size=sampler_cfg.eval_batch,
                                      return_info=True)
     seconds = time.perf_counter() - t0
-    metrics = evaluate_samples(images, labels, info["dataset"])
+    metrics = evaluate_samples(images, labels, info["dataset"], root=(info.get("data") or {}).get("root"))
     result = {"sampler": sampler_cfg.sampler, "nfe": ginfo["nfe"],
               "network_evals_per_sample": ginfo["network_evals_per_sample"], "cfg_scale": sampler_cfg.cfg_scale,
               "per_class": sampler_cfg.eval_per_class, "sampling_seconds": seconds,

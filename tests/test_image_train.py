@@ -209,3 +209,22 @@ def test_folder_data_reports_a_corrupt_file_or_skips_it(tmp_path):
     run(out, *common, "data.on_error=skip")
     info = json.loads((out / "run.json").read_text())
     assert info["train_images"] == 10 and info["class_names"] == ["cat", "dog"] and info["in_channels"] == 3
+
+
+def test_folder_run_is_evaluated_against_its_own_folder(tmp_path):
+    # The final evaluation must find a folder data set through the run's data.root.
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "imgs"
+    rng = np.random.default_rng(1)
+    for c, level in (("dark", 40), ("light", 210)):
+        (root / c).mkdir(parents=True)
+        for i in range(6):
+            img = np.clip(rng.normal(level, 10, (8, 8)), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(root / c / f"{i}.png")
+    out = tmp_path / "run"
+    result = run(out, "data=folder", f"data.root={root}", "data.image_size=8", "data.channels=1",
+                 "trainer.batch_size=4", "sampler.eval_per_class=2", "sampler.eval_batch=4", "model.patch_size=2")
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev == result["eval"] and ev["n_samples"] == 4 and 0.0 <= ev["class_consistency"] <= 1.0
