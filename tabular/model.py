@@ -507,13 +507,19 @@ class CDTD(nn.Module):
         x_num, x_cat = x.split(self._sizes, 1)
         return x_num, x_cat.reshape(x.shape[0], self.n_cat, self.cfg.emb_dim)
 
-    def make_denoiser(self, known: dict | None = None, forbid: list[torch.Tensor] | None = None):
+    def make_denoiser(self, known: dict | None = None, forbid: list[torch.Tensor] | None = None,
+                      grid: torch.Tensor | None = None):
         """``D'(x, t)`` for the core samplers (see the module docstring); keeps the last logits.
 
         known: ``{"mask": (B, F) bool, "pmask": (B, P) the same per coordinate, "x0": (B, P) clean flat
         state, "eps": (B, P)}``: fixed features, given clean (``cond_prob > 0``) or by replacement.
         forbid: per categorical feature a (K_j,) bool of categories never generated.
+        grid: the sampler's times; when given (Euler), ``r_f`` is the secant ratio over the step from
+        ``t`` to the next grid time, ``(1 - sigma_f(u') / sigma_f(u)) / (1 - t' / t)``, which makes the
+        Euler step of every feature exactly the official per-feature Euler step in its own sigma
+        (the derivative ratio over-shoots on coarse steps where the schedules differ).
         """
+        times = grid.tolist() if grid is not None else None
         state = {"logits": None}
 
         def denoiser(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -546,7 +552,17 @@ class CDTD(nn.Module):
             if known is not None:
                 D = torch.where(known["pmask"], known["x0"], D)
             state["logits"] = logits
-            r = self._expand(self.timewarp.ratio(u)).to(x.dtype)
+            if times is not None:
+                t_cur = float(t.reshape(-1)[0])
+                i = min(range(len(times) - 1), key=lambda k: abs(times[k] - t_cur))
+                t_next = times[i + 1]
+                s_now = self.timewarp.sigma(torch.tensor([u], dtype=torch.float64, device=x.device))[0]
+                s_next = self.timewarp.sigma(torch.tensor([self.u_of_t(t_next)], dtype=torch.float64,
+                                                          device=x.device))[0]
+                ratio = (1.0 - s_next / s_now.clamp_min(1e-300)) / (1.0 - t_next / t_cur)
+                r = self._expand(ratio.clamp(0.0, R_MAX)).to(x.dtype)
+            else:
+                r = self._expand(self.timewarp.ratio(u)).to(x.dtype)
             return x - r * (x - D)
 
         denoiser.state = state
@@ -576,8 +592,9 @@ class CDTD(nn.Module):
             x0 = torch.cat([known_num.to(dev).float(), x0_cat], 1)
             eps = torch.randn(n, P, generator=generator, device=dev)
             known = {"pmask": self._expand(known_mask.to(dev)), "mask": known_mask.to(dev), "x0": x0, "eps": eps}
-        D = self.make_denoiser(known, forbid)
         grid = self.u_grid(steps) if isinstance(grid, str) and grid == "uniform_u" else grid
+        secant = sampler == "euler" and isinstance(grid, torch.Tensor)
+        D = self.make_denoiser(known, forbid, grid if secant else None)
         out, _ = core_sample(sampler, D, path, x, grid=grid, generator=generator, **options)
         x_num, _ = self._split(out)
         logits = D.state["logits"]
