@@ -1,14 +1,16 @@
 """The image demo: a short class-conditional SiT run on Fashion-MNIST, a sample grid and its metrics.
 
-    python -m image.demo [--steps 400] [--out outputs/image/demo]
+    python -m image.demo [--steps 600] [--out outputs/image/demo]
 
 Trains (or, when ``--out`` already holds a checkpoint, resumes; a finished run is only re-sampled)
-a small SiT on Fashion-MNIST pixels with ``image.train``, writes ``<out>/grid.png`` (one row per
-class, Heun at 20 NFE with classifier-free guidance) and ``<out>/metrics.json`` with the
-class-consistency, Frechet distance and precision/recall of ``image.evaluate.evaluate_samples``
-(evaluation classifier features against the test split). A few minutes on two CPU cores; so short
-a run gives recognisable but rough garments, not the quality of the default 30-minute recipe
-(``python -m image.train``).
+the default SiT of ``configs/image`` (1.9M parameters) on Fashion-MNIST pixels with ``image.train``
+for 600 steps, writes ``<out>/grid.png`` (one row per class, Euler at 20 NFE with classifier-free
+guidance 3) and ``<out>/metrics.json`` with the class-consistency, Frechet distance and
+precision/recall of ``image.evaluate.evaluate_samples`` (evaluation classifier features against the
+test split; the classifier is trained once, about 6 CPU-minutes, and cached in
+``outputs/classifiers``). Measured: 350 s of CPU time for training and evaluation, class-consistency
+0.66, Frechet distance 7.7 (real images: 0.17) -- recognisable but rough garments; the 2000-step
+default recipe (``python -m image.train``) reaches 0.945 and 2.2.
 """
 
 from __future__ import annotations
@@ -23,11 +25,12 @@ import torch
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m image.demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--steps", type=int, default=600)
     p.add_argument("--out", default="outputs/image/demo")
     p.add_argument("--per-class", type=int, default=50, help="samples per class for the metrics")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core machine)")
     p.add_argument("--data", default="fashion_mnist", choices=["fashion_mnist", "mnist5k", "digits"])
+    p.add_argument("--sampler", default="euler", help="core sampler (20 NFE, CFG 3); euler measured best at 5-20 NFE")
     p.add_argument("--no-eval", action="store_true", help="skip the metrics (no evaluation classifier needed)")
     a = p.parse_args(argv)
     if a.steps < 1 or a.per_class < 1:
@@ -40,8 +43,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     out = Path(a.out)
     config_dir = Path(__file__).resolve().parents[1] / "configs" / "image"
-    small = ["model=sit", "model.hidden_size=96", "model.depth=4", "model.num_heads=4", "model.patch_size=4",
-             f"data={a.data}", f"trainer.steps={a.steps}", "trainer.batch_size=64", "trainer.lr=1e-3",
+    small = ["model=sit", f"data={a.data}", f"trainer.steps={a.steps}", "trainer.batch_size=64", "trainer.lr=1e-3",
              "trainer.warmup_steps=50", f"trainer.ckpt_every={max(1, a.steps // 4)}", "trainer.sample_every=0",
              "trainer.log_every=25", "trainer.resume=auto", "trainer.tensorboard=false",
              "sampler.eval_per_class=0", f"trainer.out_dir={out}"]
@@ -51,14 +53,14 @@ def main(argv: list[str] | None = None) -> dict:
     result = train(cfg)
     t_train = time.perf_counter() - t0
     t1 = time.perf_counter()
-    images, labels = generate(out, 10, "heun", 20, 3.0, seed=0)
+    images, labels = generate(out, 10, a.sampler, 20, 3.0, seed=0)
     grid = save_grid(images, 10, out / "grid.png")
     report = {"steps": result["step"], "train_seconds": round(t_train, 1), "grid": str(grid),
-              "sampler": "heun", "nfe": 20, "cfg_scale": 3.0}
+              "sampler": a.sampler, "nfe": 20, "cfg_scale": 3.0}
     if not a.no_eval:
         from .evaluate import evaluate_samples
 
-        images, labels = generate(out, a.per_class, "heun", 20, 3.0, seed=1)
+        images, labels = generate(out, a.per_class, a.sampler, 20, 3.0, seed=1)
         metrics = evaluate_samples(images, labels, a.data)
         report.update({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))})
     report["sample_eval_seconds"] = round(time.perf_counter() - t1, 1)
