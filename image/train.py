@@ -287,7 +287,7 @@ def train(cfg: DictConfig) -> dict:
     return result
 
 
-@hydra.main(version_base="1.3", config_path="../configs/image", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parents[1] / "configs" / "image"), config_name="config")
 def main(cfg: DictConfig) -> None:
     with engine_main():
         train(cfg)

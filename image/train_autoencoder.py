@@ -80,7 +80,7 @@ def train_autoencoder(cfg: DictConfig) -> dict:
     return result
 
 
-@hydra.main(version_base="1.3", config_path="../configs/image", config_name="autoencoder")
+@hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parents[1] / "configs" / "image"), config_name="autoencoder")
 def main(cfg: DictConfig) -> None:
     with engine_main():
         train_autoencoder(cfg)
