@@ -182,7 +182,7 @@ def train(cfg: DictConfig) -> dict:
     return report
 
 
-@hydra.main(version_base="1.3", config_path="../configs/tabular", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parents[1] / "configs" / "tabular"), config_name="config")
 def main(cfg: DictConfig) -> None:
     with engine_main():
         try:
