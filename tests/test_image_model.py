@@ -391,7 +391,7 @@ def test_sampler_table_rows(tmp_path, monkeypatch):
 
     calls = []
 
-    def fake_evaluate(images, labels, dataset_name):  # stands in for image.evaluate: mean intensity
+    def fake_evaluate(images, labels, dataset_name, root=None):  # stands in for image.evaluate: mean intensity
         calls.append((images.clone(), dataset_name))
         return {"mean": float(images.float().mean()), "note": "not a number: left out"}
 
