@@ -293,8 +293,11 @@ def evaluate_molecules(
         ref = test_nspdk if test_nspdk is not None else _cached(test_smiles, "nspdk")
         out["nspdk_mmd"] = nspdk_mmd(mols, ref) if mols else float("nan")
     if fcd_metric:
-        ref = test_fcd if test_fcd is not None else _cached(test_smiles, "fcd")
-        out["fcd"] = fcd(gen, ref) if len(gen) >= 2 else float("nan")
+        if len(gen) < 2 or (test_fcd is None and len(test_smiles) < 2):
+            out["fcd"] = float("nan")  # a covariance needs two molecules on each side
+        else:
+            ref = test_fcd if test_fcd is not None else _cached(test_smiles, "fcd")
+            out["fcd"] = fcd(gen, ref)
     if out_dir is not None:
         out_dir = Path(out_dir)
         write_smiles(out_dir / "smiles.txt", dec["smiles"])

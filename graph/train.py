@@ -16,7 +16,7 @@ model (``sampler.use_ema``: raw weights as GDSS's community-small sampler, or th
 with the GDSS solver, and ``<out_dir>/eval/`` gets ``metrics.json`` (MMDs against the test split),
 ``samples.png`` / ``test.png`` (drawings) and ``samples.pt`` (the dense samples).
 
-Data sets (:data:`DATASETS`): the generic ones of :mod:`graph.data`; ``qm9``, ``zinc`` and ``moses``
+Data sets (:data:`DATASETS`): the generic ones of :mod:`graph.data`; ``qm9``, ``moses`` and ``file``
 are read through the molecule module's interface, imported only for them:
 
 - ``graph.molecules.load_molecule_dataset(name, **data.options) -> dict`` with ``x`` ``(M, N, F)`` one-hot
@@ -58,7 +58,9 @@ from .utils import quantize
 
 log = logging.getLogger("polydiff.graph")
 
-MOLECULE_DATASETS = ("qm9", "zinc", "moses")
+# "file": a user's SMILES file (data.options.path; see configs/graph/data/smiles.yaml). ZINC250k is not
+# in any installed package, so it is not offered.
+MOLECULE_DATASETS = ("qm9", "moses", "file")
 X_NETWORKS = ("ScoreNetworkX", "ScoreNetworkX_GMH")
 ADJ_NETWORKS = ("ScoreNetworkA",)
 
@@ -125,7 +127,7 @@ class GraphModelConfig:
 
 @dataclass
 class GraphDataConfig:
-    name: str = "community_small"  # community_small | grid | planar | sbm | qm9 | zinc | moses
+    name: str = "community_small"  # community_small | grid | planar | sbm | qm9 | moses | file
     # community_small seed 1: graphs of max degree 9, which fit GDSS's max_feat_num=10 one-hot degrees
     # (GDSS's released pickle has max degree 9; seeds 0, 4, 6, 7 draw a node of degree 10).
     seed: int = 1
@@ -222,6 +224,7 @@ class GraphData:
     test_graphs: list | None = None
     train_smiles: list[str] | None = None
     test_smiles: list[str] | None = None
+    atoms: list[str] | None = None  # molecules: the element of each node-feature column
 
     @property
     def is_molecule(self) -> bool:
@@ -262,7 +265,8 @@ def _molecules(cfg: GraphDataConfig) -> GraphData:
     tr, te = (torch.as_tensor(out[k], dtype=torch.long) for k in ("train_idx", "test_idx"))
     smiles = list(out["smiles"])
     return GraphData(cfg.name, x, adj, flags, tr, te, train_smiles=[smiles[i] for i in tr.tolist()],
-                     test_smiles=[smiles[i] for i in te.tolist()])
+                     test_smiles=[smiles[i] for i in te.tolist()],
+                     atoms=list(out["atoms"]) if out.get("atoms") is not None else None)
 
 
 # The registry of data sets: name -> loader(data config) -> GraphData. A molecule data set is
@@ -373,7 +377,10 @@ def evaluate(model: GDSSModel, data: GraphData, sampler: GraphSamplerConfig, ste
     if data.is_molecule:
         from .mol_metrics import evaluate_molecules
 
-        kw = {"out_dir": folder} if "out_dir" in inspect.signature(evaluate_molecules).parameters else {}
+        params = inspect.signature(evaluate_molecules).parameters
+        kw = {"out_dir": folder} if "out_dir" in params else {}
+        if data.atoms is not None and "atoms" in params:
+            kw["atoms"] = data.atoms  # a SMILES file's own vocabulary
         metrics.update(evaluate_molecules(x, adj, flags, data.train_smiles, data.test_smiles, **kw))
     else:
         from .draw import draw_graphs
