@@ -39,7 +39,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
@@ -47,7 +46,7 @@ from torch import Tensor, nn
 from core.engine import distributed as D
 from core.engine.checkpoint import atomic_write
 from core.engine.config import ConfigError, register_schema
-from core.engine.run import engine_main, prepare
+from core.engine.run import hydra_entry, prepare
 from core.engine.trainer import Trainer, seed_from
 from core.system import GaussianSystem
 
@@ -454,11 +453,7 @@ def train(cfg: DictConfig) -> dict:
     return result
 
 
-@hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parents[1] / "configs" / "graph"), config_name="config")
-def main(cfg: DictConfig) -> None:
-    with engine_main():
-        train(cfg)
-
+main = hydra_entry(train, Path(__file__).resolve().parents[1] / "configs" / "graph")
 
 if __name__ == "__main__":
     main()

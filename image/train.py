@@ -27,13 +27,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import hydra
 import torch
 from omegaconf import DictConfig
 
 from core.engine.checkpoint import atomic_write
 from core.engine.config import register_schema
-from core.engine.run import engine_main, prepare
+from core.engine.run import hydra_entry, prepare
 from core.engine.trainer import Trainer, seed_from
 
 from .model import ImageDiffusion, ImageModelConfig, make_loss
@@ -287,11 +286,7 @@ def train(cfg: DictConfig) -> dict:
     return result
 
 
-@hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parents[1] / "configs" / "image"), config_name="config")
-def main(cfg: DictConfig) -> None:
-    with engine_main():
-        train(cfg)
-
+main = hydra_entry(train, Path(__file__).resolve().parents[1] / "configs" / "image")
 
 if __name__ == "__main__":
     main()

@@ -18,13 +18,12 @@ import json
 import logging
 from pathlib import Path
 
-import hydra
 import torch
 from omegaconf import DictConfig
 
 from core.engine.checkpoint import atomic_write
 from core.engine.config import register_schema
-from core.engine.run import engine_main, prepare
+from core.engine.run import hydra_entry, prepare
 from core.engine.trainer import Trainer
 
 from .autoencoder import AutoencoderConfig, KLAutoencoder, make_autoencoder_loss, polydiff_codec
@@ -80,11 +79,7 @@ def train_autoencoder(cfg: DictConfig) -> dict:
     return result
 
 
-@hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parents[1] / "configs" / "image"), config_name="autoencoder")
-def main(cfg: DictConfig) -> None:
-    with engine_main():
-        train_autoencoder(cfg)
-
+main = hydra_entry(train_autoencoder, Path(__file__).resolve().parents[1] / "configs" / "image", "autoencoder")
 
 if __name__ == "__main__":
     main()

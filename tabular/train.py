@@ -23,14 +23,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import hydra
 import pandas as pd
 import torch
 from omegaconf import DictConfig
 
 from core.engine.checkpoint import atomic_write
 from core.engine.config import register_schema
-from core.engine.run import engine_main, prepare
+from core.engine.run import hydra_entry, prepare
 
 from .api import TabularDiffusion
 from .baseline import GaussianCopula
@@ -182,16 +181,8 @@ def train(cfg: DictConfig) -> dict:
     return report
 
 
-@hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parents[1] / "configs" / "tabular"), config_name="config")
-def main(cfg: DictConfig) -> None:
-    with engine_main():
-        try:
-            train(cfg)
-        except ValueError as e:
-            from core.engine.config import ConfigError
-
-            raise ConfigError(str(e)) from None
-
+# ValueErrors from the data (a bad CSV column or value) exit like a bad config: code 2, one line.
+main = hydra_entry(train, Path(__file__).resolve().parents[1] / "configs" / "tabular", input_errors=(ValueError,))
 
 if __name__ == "__main__":
     main()

@@ -23,7 +23,6 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import hydra
 import torch
 from omegaconf import DictConfig
 from torch import nn
@@ -36,7 +35,7 @@ from ..samplers import sample
 from . import distributed as D
 from .checkpoint import atomic_write
 from .config import ConfigError, path_field, register_schema
-from .run import engine_main, prepare
+from .run import hydra_entry, prepare
 from .trainer import Trainer, seed_from
 
 # ----------------------------------------------------------------------------- schemas
@@ -228,11 +227,7 @@ def train(cfg: DictConfig) -> dict:
     return result
 
 
-@hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parents[2] / "configs" / "example"), config_name="config")
-def main(cfg: DictConfig) -> None:
-    with engine_main():
-        train(cfg)
-
+main = hydra_entry(train, Path(__file__).resolve().parents[2] / "configs" / "example")
 
 if __name__ == "__main__":
     main()

@@ -2,12 +2,12 @@
 
 A domain's entry point reads::
 
-    @hydra.main(version_base="1.3", config_path="../configs/<domain>", config_name="config")
-    def main(cfg):
-        with engine_main():
-            ctx = prepare(cfg, groups=("model", "data", "path", "sampler"))
-            model = build_model(ctx.groups["model"])
-            Trainer(model, loss_fn, data, ctx.trainer, sample_fn).fit()
+    def train(cfg):
+        ctx = prepare(cfg, groups=("model", "data", "path", "sampler"))
+        model = build_model(ctx.groups["model"])
+        return Trainer(model, loss_fn, data, ctx.trainer, sample_fn).fit()
+
+    main = hydra_entry(train, Path(__file__).resolve().parents[1] / "configs" / "<domain>")
 
 Everything that can be checked before training (unknown keys, types, value ranges, the global
 batch against the number of ranks, data paths) is checked in :func:`prepare`, before the
@@ -20,8 +20,9 @@ import contextlib
 import logging
 import random
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -115,3 +116,26 @@ def engine_main() -> Iterator[None]:
         log.error(msg)
         print(f"polydiff: {msg}", file=sys.stderr, flush=True)
         raise SystemExit(code)
+
+
+def hydra_entry(train_fn: Callable[[DictConfig], Any], config_dir: str | Path, config_name: str = "config", *,
+                input_errors: tuple[type[BaseException], ...] = ()) -> Callable[[], None]:
+    """The ``main()`` of a domain entry point: Hydra on ``config_dir`` (an absolute path, so that
+    console scripts work from any directory) around ``train_fn(cfg)`` inside :func:`engine_main`.
+
+    ``input_errors``: exception types that mean bad user input (e.g. a ``ValueError`` naming a CSV
+    column) and exit like a bad config, with code 2 and one line naming it.
+    """
+    import hydra
+
+    def task(cfg: DictConfig) -> None:
+        with engine_main():
+            try:
+                train_fn(cfg)
+            except input_errors as e:
+                raise ConfigError(str(e)) from None
+
+    # Hydra names the job (and its log file) after the task's module: keep the domain's.
+    task.__module__ = train_fn.__module__
+    task.__name__ = task.__qualname__ = "main"
+    return hydra.main(version_base="1.3", config_path=str(Path(config_dir).resolve()), config_name=config_name)(task)
