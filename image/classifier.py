@@ -215,14 +215,15 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Ima
 def load_or_train_classifier(dataset_name: str, cache_dir: str | Path = "outputs/classifiers", *,
                              root: str | None = None, image_size: int | None = None, channels: int | None = None,
                              recipe: ClassifierRecipe | None = None, retrain: bool = False, device: str = "auto",
-                             progress: bool = True) -> ImageClassifier:
+                             progress: bool = True, on_error: str = "raise") -> ImageClassifier:
     """The evaluation classifier of a data set's training split: loaded from ``cache_dir`` when its
     metadata matches (version, data fingerprint, image shape, recipe), else trained, tested on the
     test split and saved. ``image_size`` / ``channels`` as in :func:`image.data.load_images`.
+    ``on_error``: for a folder, ``"skip"`` leaves unreadable files out (as the training run did).
     Returns the classifier in eval mode on the CPU, its metadata in ``.meta``.
     """
     recipe = recipe or ClassifierRecipe()
-    train = load_images(dataset_name, "train", root=root, image_size=image_size, channels=channels)
+    train = load_images(dataset_name, "train", root=root, image_size=image_size, channels=channels, on_error=on_error)
     fingerprint = train.fingerprint()
     want = {"version": CLASSIFIER_VERSION, "dataset": dataset_name, "train_images": len(train),
             "image_shape": list(train.shape), "class_names": list(train.class_names),

@@ -1,6 +1,6 @@
 """Evaluation of class-conditional image samples, and ``python -m image.evaluate`` for a checkpoint.
 
-    python -m image.evaluate --run outputs/image/sit --per-class 100 --sampler heun --nfe 20 --cfg-scale 3
+    python -m image.evaluate --run outputs/image/sit --per-class 100 --sampler euler --nfe 20 --cfg-scale 3
     python -m image.evaluate --run outputs/image/sit/checkpoints/ckpt_00002000.pt --out m.json \
         --inception /path/to/inception.pt       # + Inception FID (torchmetrics) from a local TorchScript file
 
@@ -71,7 +71,8 @@ def _check(images: Tensor, labels: Tensor) -> Tensor:
     return labels
 
 
-def _reference(dataset_name: str, root: str | None, shape: tuple[int, int, int], cache_dir: str, **clf_kwargs):
+def _reference(dataset_name: str, root: str | None, shape: tuple[int, int, int], cache_dir: str,
+               on_error: str = "raise", **clf_kwargs):
     """(classifier, test ImageSet, test features, size/channel arguments) for images of ``shape``."""
     C, H, W = shape
     if dataset_name == "folder":  # no split and no native size: the folder's images at the samples' size
@@ -85,11 +86,13 @@ def _reference(dataset_name: str, root: str | None, shape: tuple[int, int, int],
         if H != W and size is not None:
             raise ValueError(f"generated images are {H}x{W}, the data set's {native.shape[1:]}: cannot match non-square")
         channels = None if native.shape[0] == C else C
-    key = (dataset_name, root, size, channels, str(cache_dir), repr(sorted(clf_kwargs.items())))
+    key = (dataset_name, root, size, channels, str(cache_dir), on_error, repr(sorted(clf_kwargs.items())))
     if key not in _REFERENCE_CACHE:
-        clf = load_or_train_classifier(dataset_name, cache_dir, root=root, image_size=size, channels=channels, **clf_kwargs)
+        clf = load_or_train_classifier(dataset_name, cache_dir, root=root, image_size=size, channels=channels,
+                                       on_error=on_error, **clf_kwargs)
         test = native if size is None and channels is None else load_images(dataset_name, split, root=root,
-                                                                            image_size=size, channels=channels)
+                                                                            image_size=size, channels=channels,
+                                                                            on_error=on_error)
         if test.shape != shape:
             raise ValueError(f"the {dataset_name} test images are {test.shape}, the generated ones {shape}")
         _REFERENCE_CACHE.clear()  # keep one data set's features in memory
@@ -114,16 +117,19 @@ def _draw_like(train: ImageSet, labels: Tensor, generator: torch.Generator) -> T
 def evaluate_samples(images: Tensor, labels: Tensor, dataset_name: str, *, root: str | None = None,
                      cache_dir: str | Path = "outputs/classifiers", k: int = 3, reference: bool = True,
                      seed: int = 0, inception: str | Path | torch.nn.Module | None = None,
-                     classifier: ImageClassifier | None = None, **classifier_kwargs) -> dict:
+                     classifier: ImageClassifier | None = None, on_error: str = "raise",
+                     **classifier_kwargs) -> dict:
     """Metrics of generated ``images`` (uint8 ``(N, C, H, W)``) conditioned on ``labels`` ``(N,)`` (module docstring).
 
     ``classifier``: use this classifier instead of the cached evaluation classifier (its features
-    and predictions). ``classifier_kwargs`` go to :func:`image.classifier.load_or_train_classifier`.
+    and predictions). ``on_error``: for a folder, ``"skip"`` leaves its unreadable files out of the
+    reference images and the classifier's training set, as ``data.on_error=skip`` did for the run.
+    ``classifier_kwargs`` go to :func:`image.classifier.load_or_train_classifier`.
     """
     labels = _check(images, labels)
     t0 = time.perf_counter()
     clf, test, test_feats, size, channels = _reference(dataset_name, root, tuple(images.shape[1:]), str(cache_dir),
-                                                       **classifier_kwargs)
+                                                       on_error, **classifier_kwargs)
     if classifier is not None:
         clf, test_feats = classifier, classifier_features(classifier, test.images)
     if int(labels.max()) >= test.num_classes or int(labels.min()) < 0:
@@ -140,7 +146,7 @@ def evaluate_samples(images: Tensor, labels: Tensor, dataset_name: str, *, root:
         "classifier_version": clf.meta.get("version"), "classifier_data_sha256": clf.meta.get("data_sha256"),
     }
     if reference:
-        train = load_images(dataset_name, "train", root=root, image_size=size, channels=channels)
+        train = load_images(dataset_name, "train", root=root, image_size=size, channels=channels, on_error=on_error)
         idx = _draw_like(train, labels, torch.Generator().manual_seed(seed))
         ref_feats = classifier_features(clf, train.images[idx])
         ref_pr = precision_recall(test_feats, ref_feats, k=k)
@@ -161,12 +167,14 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m image.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--run", required=True, help="image.train run directory, checkpoint or ema_*.safetensors file")
     p.add_argument("--per-class", type=int, default=100, help="samples per class")
-    p.add_argument("--sampler", default="heun")
+    p.add_argument("--sampler", default="euler")
     p.add_argument("--nfe", type=int, default=20)
     p.add_argument("--cfg-scale", type=float, default=3.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--data-root", default=None, help="data directory (needed for data sets of name 'folder')")
+    p.add_argument("--on-error", choices=("raise", "skip"), default=None,
+                   help="unreadable files of a folder data set (default: as the run was trained, data.on_error)")
     p.add_argument("--cache-dir", default="outputs/classifiers", help="where evaluation classifiers are kept")
     p.add_argument("--inception", default=None, help="local Inception feature extractor (TorchScript) for FID")
     p.add_argument("--out", default=None, help="metrics JSON (default: beside the checkpoint)")
@@ -182,8 +190,9 @@ def main(argv: list[str] | None = None) -> dict:
     root = a.data_root or (info["run"].get("data") or {}).get("root")
     if dataset == "folder" and root is None:
         raise SystemExit("this run trained on a folder of images: give it with --data-root")
+    on_error = a.on_error or (info["run"].get("data") or {}).get("on_error", "raise")
     metrics = evaluate_samples(images, labels, dataset, root=root, cache_dir=a.cache_dir, seed=a.seed,
-                               inception=a.inception)
+                               inception=a.inception, on_error=on_error)
     result = {"run": str(Path(a.run).resolve()), "sampler": a.sampler, "nfe": info.get("nfe"),
               "network_evals_per_sample": info.get("network_evals_per_sample"), "cfg_scale": a.cfg_scale,
               "per_class": a.per_class, "seed": a.seed, "sampling_seconds": round(sampling_seconds, 2), **metrics}

@@ -1,6 +1,6 @@
 """Class-conditional sampling from ``image.train`` runs, and the ``python -m image.sample`` command.
 
-    python -m image.sample --run outputs/image/sit --sampler heun --nfe 20 --cfg-scale 3 --out grid.png
+    python -m image.sample --run outputs/image/sit --sampler euler --nfe 20 --cfg-scale 3 --out grid.png
     python -m image.sample --run outputs/image/dit --sampler ddpm --nfe 50 --cfg-scale 2 --interval 0.1 0.8
 
 - :func:`generate` (also used by ``python -m image.evaluate``): ``n_per_class`` samples of every
@@ -109,7 +109,7 @@ def _start_noise(model: ImageDiffusion, shape, grid: Tensor, generator, device) 
 
 
 @torch.no_grad()
-def sample_latents(model: ImageDiffusion, labels: Tensor, *, sampler: str = "heun", nfe: int = 20,
+def sample_latents(model: ImageDiffusion, labels: Tensor, *, sampler: str = "euler", nfe: int = 20,
                    cfg_scale: float = 1.0, interval=None, adaptive_gamma: float | None = None,
                    grid_kind: str | None = None, generator: torch.Generator | None = None,
                    **sampler_options) -> tuple[Tensor, dict]:
@@ -197,7 +197,7 @@ def to_uint8(x: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def generate(checkpoint_path, n_per_class: int, sampler: str = "heun", nfe: int = 20, cfg_scale: float = 1.0,
+def generate(checkpoint_path, n_per_class: int, sampler: str = "euler", nfe: int = 20, cfg_scale: float = 1.0,
              seed: int = 0, *, interval=None, adaptive_gamma: float | None = None, classes=None,
              batch_size: int = 250, device: str | torch.device = "cpu", use_ema: bool = True,
              grid_kind: str | None = None, return_info: bool = False, model=None, **sampler_options):
@@ -294,7 +294,7 @@ def sampler_table(checkpoint_path, samplers: list[str], nfes: list[int], n_per_c
 def main(argv: list[str] | None = None) -> Path:
     p = argparse.ArgumentParser(prog="python -m image.sample", description=__doc__.split("\n\n")[0])
     p.add_argument("--run", required=True, help="run directory, checkpoint or ema_*.safetensors file")
-    p.add_argument("--sampler", default="heun", help=f"'ddpm' (DiT) or a core sampler: {sorted(SAMPLERS)}")
+    p.add_argument("--sampler", default="euler", help=f"'ddpm' (DiT) or a core sampler: {sorted(SAMPLERS)}")
     p.add_argument("--nfe", type=int, default=20)
     p.add_argument("--cfg-scale", type=float, default=3.0)
     p.add_argument("--interval", type=float, nargs=2, default=None, metavar=("T_LO", "T_HI"))

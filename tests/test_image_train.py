@@ -206,9 +206,16 @@ def test_folder_data_reports_a_corrupt_file_or_skips_it(tmp_path):
     with pytest.raises(ValueError, match="broken.png"):
         run(tmp_path / "strict", *common)
     out = tmp_path / "skip"
-    run(out, *common, "data.on_error=skip")
+    # the final evaluation (classifier and reference images from the same folder) skips the file too
+    result = run(out, *common, "data.on_error=skip", "sampler.eval_per_class=2", "sampler.eval_batch=4")
     info = json.loads((out / "run.json").read_text())
     assert info["train_images"] == 10 and info["class_names"] == ["cat", "dog"] and info["in_channels"] == 3
+    assert result["eval"]["n_test"] == 10 and result["eval"]["n_samples"] == 4
+    from image.evaluate import main as evaluate_main
+
+    ev = evaluate_main(["--run", str(out), "--per-class", "2", "--nfe", "2", "--sampler", "euler",
+                        "--out", str(tmp_path / "m.json")])  # on_error read from the run
+    assert ev["n_test"] == 10
 
 
 def test_folder_run_is_evaluated_against_its_own_folder(tmp_path):
