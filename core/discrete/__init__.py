@@ -16,54 +16,11 @@ Split by concept as SEDD's official code (``graph_lib`` / ``noise_lib`` / ``loss
 Time runs over ``t in [0, 1]`` with data at ``t = 0``, as in SEDD and the rest of polydiff.
 """
 
-from .graphs import Absorbing, Graph, Uniform, get_graph
-from .losses import (
-    absorbing_dce_loss,
-    absorbing_log_score,
-    absorbing_score,
-    dce_weight,
-    lambda_dce_loss,
-    score_entropy_loss,
-)
-from .noise import Geometric, LogLinear, Noise, get_noise
-from .sampling import (
-    SAMPLERS,
-    analytic_probs,
-    denoise_probs,
-    euler_probs,
-    infill_condition,
-    prefix_condition,
-    sample_absorbing,
-    sample_analytic,
-    sample_categorical,
-    sample_euler,
-    time_grid,
-)
+# Each submodule lists its public names once, in its ``__all__``; the package re-exports them.
+from . import graphs, losses, noise, sampling
+from .graphs import *  # noqa: F403
+from .losses import *  # noqa: F403
+from .noise import *  # noqa: F403
+from .sampling import *  # noqa: F403
 
-__all__ = [
-    "Graph",
-    "Absorbing",
-    "Uniform",
-    "get_graph",
-    "Noise",
-    "LogLinear",
-    "Geometric",
-    "get_noise",
-    "score_entropy_loss",
-    "absorbing_log_score",
-    "absorbing_score",
-    "dce_weight",
-    "absorbing_dce_loss",
-    "lambda_dce_loss",
-    "SAMPLERS",
-    "sample_categorical",
-    "time_grid",
-    "euler_probs",
-    "analytic_probs",
-    "denoise_probs",
-    "sample_euler",
-    "sample_analytic",
-    "sample_absorbing",
-    "prefix_condition",
-    "infill_condition",
-]
+__all__ = [*graphs.__all__, *noise.__all__, *losses.__all__, *sampling.__all__]

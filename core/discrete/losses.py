@@ -63,6 +63,22 @@ def _check_x0(graph: Graph, x0) -> Tensor:
     return x0
 
 
+def _forward(graph: Graph, noise: Noise, x0, t, xt, sampling_eps: float, generator):
+    """The noised input of a training loss: ``(x0, t, sigma(t), dsigma/dt(t), xt)``, each checked.
+
+    ``t`` (B,) defaults to ``U(sampling_eps, 1)``, ``xt`` to a draw of the forward process at ``sigma(t)``;
+    draw order (t, then the noise) as the official ``losses.get_loss_fn``.
+    """
+    x0 = _check_x0(graph, x0)
+    if t is None:
+        t = _sample_t(x0, sampling_eps, generator)
+    sigma, dsigma = noise(t)
+    if sigma.shape != (x0.shape[0],):
+        raise ValueError(f"t must have shape (B,) = ({x0.shape[0]},), got {tuple(sigma.shape)}")
+    xt = graph.sample_transition(x0, sigma, generator) if xt is None else graph.check_ids(xt, "xt")
+    return x0, t, sigma, dsigma, xt
+
+
 def score_entropy_loss(
     log_score_fn: Callable[[Tensor, Tensor], Tensor],
     graph: Graph,
@@ -81,13 +97,7 @@ def score_entropy_loss(
     of the forward process at ``sigma(t)``. Draw order (t, then the noise) follows the official
     ``losses.get_loss_fn``, so a seeded global RNG reproduces it. Returns (B,).
     """
-    x0 = _check_x0(graph, x0)
-    if t is None:
-        t = _sample_t(x0, sampling_eps, generator)
-    sigma, dsigma = noise(t)
-    if sigma.shape != (x0.shape[0],):
-        raise ValueError(f"t must have shape (B,) = ({x0.shape[0]},), got {tuple(sigma.shape)}")
-    xt = graph.sample_transition(x0, sigma, generator) if xt is None else graph.check_ids(xt, "xt")
+    x0, t, sigma, dsigma, xt = _forward(graph, noise, x0, t, xt, sampling_eps, generator)
     if xt.shape != x0.shape:
         raise ValueError(f"xt shape {tuple(xt.shape)} differs from x0 shape {tuple(x0.shape)}")
     log_score = log_score_fn(xt, sigma)
@@ -175,13 +185,7 @@ def absorbing_dce_loss(
     normalised probabilities the two losses agree. Returns (B,).
     """
     _check_absorbing(graph)
-    x0 = _check_x0(graph, x0)
-    if t is None:
-        t = _sample_t(x0, sampling_eps, generator)
-    sigma = noise.sigma(t)
-    if sigma.shape != (x0.shape[0],):
-        raise ValueError(f"t must have shape (B,) = ({x0.shape[0]},), got {tuple(sigma.shape)}")
-    xt = graph.sample_transition(x0, sigma, generator) if xt is None else graph.check_ids(xt, "xt")
+    x0, t, _, _, xt = _forward(graph, noise, x0, t, xt, sampling_eps, generator)
     nll = _masked_nll(log_probs_fn, graph, x0, xt)
     weight = _per_token(dce_weight(noise, t), nll).to(nll.dtype)
     return (weight * nll).flatten(1).sum(1)

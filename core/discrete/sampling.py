@@ -162,11 +162,24 @@ def _score(score_fn, x, sigma, graph):
     return score
 
 
-def _denoise(score_fn, graph, noise, x, t_last, x_init, fixed_mask, generator):
-    sigma = noise.sigma(t_last)
-    score = _score(score_fn, x, _batch_sigma(sigma, x), graph)
-    probs = denoise_probs(graph, x, score, sigma)
-    return _keep_fixed(sample_categorical(probs, generator), x_init, fixed_mask)
+def _tau_leaping(score_fn, graph, noise, x_init, grid, sigma, step_probs, denoise, fixed_mask, generator):
+    """The loop of SEDD's predictors (the official ``pc_sampler`` without corrector).
+
+    Step ``i`` (``grid[i] -> grid[i + 1]``) evaluates the score at ``sigma[i]`` and draws every token
+    from ``step_probs(i, x, score)`` (:func:`euler_probs` or :func:`analytic_probs` weights), writing
+    the fixed tokens back; ``denoise`` ends with the Tweedie step from ``grid[-1]`` to 0
+    (:func:`denoise_probs`). One network call per step (+1 to denoise).
+    """
+    x = x_init
+    for i in range(len(grid) - 1):
+        score = _score(score_fn, x, _batch_sigma(sigma[i], x), graph)
+        x = _keep_fixed(sample_categorical(step_probs(i, x, score), generator), x_init, fixed_mask)
+    if denoise:
+        sigma_last = noise.sigma(grid[-1])
+        score = _score(score_fn, x, _batch_sigma(sigma_last, x), graph)
+        probs = denoise_probs(graph, x, score, sigma_last)
+        x = _keep_fixed(sample_categorical(probs, generator), x_init, fixed_mask)
+    return x, _nfe(x, len(grid) - 1 + int(denoise))
 
 
 # -- samplers ------------------------------------------------------------------------------------
@@ -189,16 +202,13 @@ def sample_euler(
     rates are taken at the start of each interval. One network call per step (+1 to denoise).
     """
     grid = time_grid(steps, eps)
-    x_init, fixed_mask = _prepare(graph, x, fixed_mask)
+    x, fixed_mask = _prepare(graph, x, fixed_mask)
     sigma, dsigma = noise(grid)
-    x = x_init
-    for i in range(len(grid) - 1):
-        score = _score(score_fn, x, _batch_sigma(sigma[i], x), graph)
-        scale = ((grid[i] - grid[i + 1]) * dsigma[i]).to(score.dtype)
-        x = _keep_fixed(sample_categorical(euler_probs(graph, x, score, scale), generator), x_init, fixed_mask)
-    if denoise:
-        x = _denoise(score_fn, graph, noise, x, grid[-1], x_init, fixed_mask, generator)
-    return x, _nfe(x, len(grid) - 1 + int(denoise))
+
+    def step_probs(i, x, score):
+        return euler_probs(graph, x, score, ((grid[i] - grid[i + 1]) * dsigma[i]).to(score.dtype))
+
+    return _tau_leaping(score_fn, graph, noise, x, grid, sigma, step_probs, denoise, fixed_mask, generator)
 
 
 @torch.no_grad()
@@ -220,16 +230,14 @@ def sample_analytic(
     exact score, so its only error is the factorisation over tokens within a step.
     """
     grid = time_grid(steps, eps)
-    x_init, fixed_mask = _prepare(graph, x, fixed_mask)
+    x, fixed_mask = _prepare(graph, x, fixed_mask)
     sigma = noise.sigma(grid)
-    x = x_init
-    for i in range(len(grid) - 1):
-        score = _score(score_fn, x, _batch_sigma(sigma[i], x), graph)
-        step = sigma[i] - sigma[i + 1]  # float64: no cancellation between nearby sigmas
-        x = _keep_fixed(sample_categorical(analytic_probs(graph, x, score, step), generator), x_init, fixed_mask)
-    if denoise:
-        x = _denoise(score_fn, graph, noise, x, grid[-1], x_init, fixed_mask, generator)
-    return x, _nfe(x, len(grid) - 1 + int(denoise))
+
+    def step_probs(i, x, score):
+        # dsigma in float64: no cancellation between nearby sigmas
+        return analytic_probs(graph, x, score, sigma[i] - sigma[i + 1])
+
+    return _tau_leaping(score_fn, graph, noise, x, grid, sigma, step_probs, denoise, fixed_mask, generator)
 
 
 @torch.no_grad()
