@@ -43,6 +43,7 @@ from torch import Tensor
 
 from ..grids import validate_grid
 from ..paths import GaussianPath
+from ._common import check_callback, evaluate, gaussian_like
 from .registry import register
 
 __all__ = [
@@ -75,19 +76,19 @@ def _coefficients(path: GaussianPath, t: float) -> tuple[float, float, float, fl
     return float(path.alpha(tt)), float(path.sigma(tt)), float(path.d_alpha(tt)), float(path.d_sigma(tt))
 
 
+def _times(x: Tensor, t: float) -> Tensor:
+    """The denoiser's time argument: ``t`` as a ``(B,)`` tensor in x's dtype."""
+    return torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device)
+
+
 def _denoise(denoiser, x: Tensor, t: float) -> Tensor:
-    return denoiser(x, torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device))
+    return denoiser(x, _times(x, t))
 
 
 def _velocity(path: GaussianPath, x: Tensor, denoised: Tensor, t: float) -> Tensor:
     """Eq. (1): ``dx/dt = alpha' D + sigma' (x - alpha D) / sigma`` at a time with sigma > 0."""
     a, s, da, ds = _coefficients(path, t)
     return (ds / s) * (x - a * denoised) + da * denoised
-
-
-def _check_callback(callback):
-    if callback is not None and not callable(callback):
-        raise ValueError(f"callback must be callable, got {callback!r}")
 
 
 # -- Euler and Heun in t ----------------------------------------------------------------------
@@ -101,15 +102,13 @@ def sample_euler(denoiser, path: GaussianPath, x: Tensor, grid, *, generator=Non
     DDIM, and with ``t = 1 - tau`` it is SiT's Euler ODE sampler (Ma et al. 2024) for a
     velocity model. One evaluation per step; the step onto sigma = 0 returns ``alpha(0) D``.
     """
-    _check_callback(callback)
+    check_callback(callback)
     sch = _Schedule(path, grid)
     nfe = 0
     for i in range(sch.steps):
         t, t_next = sch.t[i], sch.t[i + 1]
-        denoised = _denoise(denoiser, x, t)
+        denoised = evaluate(denoiser, x, _times(x, t), i, t, callback)
         nfe += 1
-        if callback is not None:
-            callback(i, t, x, denoised)
         if sch.sigma[i + 1] == 0.0:
             x = sch.alpha[i + 1] * denoised
         else:
@@ -144,7 +143,7 @@ def sample_heun(
     i.e. EDM's ``sqrt(sigma_hat'^2 - sigma_hat^2)`` noise in the scaled variable ``x / alpha``,
     scaled back by alpha. ``z`` is drawn with ``generator``. A start at alpha = 0 is not churned.
     """
-    _check_callback(callback)
+    check_callback(callback)
     for name, val in (("s_churn", s_churn), ("s_noise", s_noise), ("s_tmin", s_tmin)):
         if not (val >= 0 and math.isfinite(val)):
             raise ValueError(f"{name} must be finite and >= 0, got {val}")
@@ -164,13 +163,11 @@ def sample_heun(
                 a_hat, s_hat, _, _ = _coefficients(path, t_hat)
                 scale = a_hat / a
                 std = math.sqrt(max(s_hat**2 - (scale * s) ** 2, 0.0))
-                z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+                z = gaussian_like(x, generator)
                 x = scale * x + (std * s_noise) * z
                 t = t_hat
-        denoised = _denoise(denoiser, x, t)
+        denoised = evaluate(denoiser, x, _times(x, t), i, t, callback)
         nfe += 1
-        if callback is not None:
-            callback(i, t, x, denoised)
         if sch.sigma[i + 1] == 0.0:
             x = sch.alpha[i + 1] * denoised
             continue
@@ -206,16 +203,14 @@ def sample_ddim(
     keeps the direction ``eps_hat``; on VP paths this is the paper's ``sigma_t(eta)``, and
     ``eta = 1`` is the ancestral (DDPM-like) step.
     """
-    _check_callback(callback)
+    check_callback(callback)
     if not (0.0 <= eta <= 1.0):
         raise ValueError(f"eta must lie in [0, 1], got {eta}")
     sch = _Schedule(path, grid)
     nfe = 0
     for i in range(sch.steps):
-        denoised = _denoise(denoiser, x, sch.t[i])
+        denoised = evaluate(denoiser, x, _times(x, sch.t[i]), i, sch.t[i], callback)
         nfe += 1
-        if callback is not None:
-            callback(i, sch.t[i], x, denoised)
         s_s, a_s = sch.sigma[i + 1], sch.alpha[i + 1]
         h = sch.lam[i + 1] - sch.lam[i]
         one_minus_e2h = -math.expm1(-2.0 * h)
@@ -224,7 +219,7 @@ def sample_ddim(
         x_new = (ratio * s_s / sch.sigma[i]) * x + (a_s * (-math.expm1(-h) + (1.0 - ratio) * math.exp(-h))) * denoised
         c = eta * s_s * math.sqrt(one_minus_e2h)
         if c > 0:
-            x_new = x_new + c * torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+            x_new = x_new + c * gaussian_like(x, generator)
         x = x_new
     return x, nfe
 
@@ -264,16 +259,14 @@ def sample_dpmpp_3m(
 
 
 def _multistep_dpmpp(denoiser, path, x, grid, order, callback, d2_scale=2.0):
-    _check_callback(callback)
+    check_callback(callback)
     sch = _Schedule(path, grid)
     history: list[tuple[float, Tensor]] = []  # (lambda, D) of earlier points with finite lambda
     nfe = 0
     for i in range(sch.steps):
         lam_t, lam_s = sch.lam[i], sch.lam[i + 1]
-        denoised = _denoise(denoiser, x, sch.t[i])
+        denoised = evaluate(denoiser, x, _times(x, sch.t[i]), i, sch.t[i], callback)
         nfe += 1
-        if callback is not None:
-            callback(i, sch.t[i], x, denoised)
         h = lam_s - lam_t
         a_s = sch.alpha[i + 1]
         phi1 = math.expm1(-h)  # e^{-h} - 1; -1 when the step lands on sigma = 0 (h = inf)
@@ -354,7 +347,7 @@ def sample_unipc(
     With p = 1 the predictor is DDIM. The callback's ``denoised`` at step i > 0 is that evaluation at
     the uncorrected prediction of ``x_i``, which is what the step uses.
     """
-    _check_callback(callback)
+    check_callback(callback)
     if order not in (1, 2, 3):
         raise ValueError(f"UniPC order must be 1, 2 or 3, got {order!r}")
     if variant not in ("bh1", "bh2"):
@@ -424,7 +417,7 @@ def sample_dopri5(
     """
     from torchdiffeq import odeint
 
-    _check_callback(callback)
+    check_callback(callback)
     for name, val in (("rtol", rtol), ("atol", atol)):
         if not (val > 0 and math.isfinite(val)):
             raise ValueError(f"{name} must be positive and finite, got {val}")

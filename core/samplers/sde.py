@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 
 from ..paths import GaussianPath
+from ._common import check_callback, evaluate, gaussian_like
 from .registry import register, resolve_grid
 
 __all__ = ["W_FORMS", "diffusion_fn", "euler_maruyama", "ancestral", "pc", "adaptive_sde"]
@@ -136,18 +137,22 @@ def _sde_drift(path: GaussianPath, x: Tensor, denoised: Tensor, t: Tensor, w: Te
     return _coef(path.d_alpha(t), x) * denoised + _coef(path.d_sigma(t) + w / (2.0 * s), x) * eps_hat
 
 
-def _randn(x: Tensor, generator) -> Tensor:
-    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-
-
-def _check_callback(callback) -> None:
-    if callback is not None and not callable(callback):
-        raise ValueError(f"callback must be callable, got {callback!r}")
-
-
 def _check_last_step(last_step) -> None:
     if last_step not in LAST_STEPS:
         raise ValueError(f"unknown last_step {last_step!r}; choose one of {LAST_STEPS}")
+
+
+def _final(path: GaussianPath, x: Tensor, denoised: Tensor, s: Tensor, last: bool, last_step: str) -> Tensor | None:
+    """The sample, where the step towards ``s`` ends the sampler before its update; else None.
+
+    ``last_step="denoise"`` returns ``D`` at the last grid time; a step onto sigma(s) = 0 returns its
+    limit ``alpha(s) D`` (see the module docstring).
+    """
+    if last and last_step == "denoise":
+        return denoised
+    if float(path.sigma(s)) == 0.0:
+        return _coef(path.alpha(s), x) * denoised
+    return None
 
 
 def _brownian_increment(qdt: Tensor, qdw: Tensor, h: Tensor, generator) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -260,24 +265,20 @@ def euler_maruyama(
     grid = resolve_grid(path, grid)
     wf = diffusion_fn(w, path, w_norm)
     _check_last_step(last_step)
-    _check_callback(callback)
+    check_callback(callback)
     n = len(grid) - 1
     for i in range(n):
         t, t_next = grid[i], grid[i + 1]
-        denoised = denoiser(x, _tvec(t, x))
-        if callback is not None:
-            callback(i, float(t), x, denoised)
+        denoised = evaluate(denoiser, x, _tvec(t, x), i, float(t), callback)
         last = i == n - 1
-        if last and last_step == "denoise":
-            return denoised, n
-        if float(path.sigma(t_next)) == 0.0:  # onto data: the step's limit, see the module docstring
-            x = _coef(path.alpha(t_next), x) * denoised
-            break
+        end = _final(path, x, denoised, t_next, last, last_step)
+        if end is not None:
+            return end, n
         w_t = _w_at(wf, t)
         h = t_next - t
         x = x + _coef(h, x) * _sde_drift(path, x, denoised, t, w_t)
         if not (last and last_step == "mean"):
-            x = x + _coef(torch.sqrt(-h * w_t), x) * _randn(x, generator)
+            x = x + _coef(torch.sqrt(-h * w_t), x) * gaussian_like(x, generator)
     return x, n
 
 
@@ -309,20 +310,18 @@ def ancestral(
     grid = resolve_grid(path, grid)
     if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not (0.0 <= eta <= 1.0):
         raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
-    _check_callback(callback)
+    check_callback(callback)
     n = len(grid) - 1
     for i in range(n):
         t, s = grid[i], grid[i + 1]
-        denoised = denoiser(x, _tvec(t, x))
-        if callback is not None:
-            callback(i, float(t), x, denoised)
+        denoised = evaluate(denoiser, x, _tvec(t, x), i, float(t), callback)
         r = -torch.expm1(path.log_snr(t) - path.log_snr(s))
         a_t, s_t, a_s, s_s = path.alpha(t), path.sigma(t), path.alpha(s), path.sigma(s)
         eps_hat = (x - _coef(a_t, x) * denoised) / _coef(s_t, x)
         x = _coef(a_s, x) * denoised + _coef(s_s * torch.sqrt((1.0 - eta**2 * r).clamp(min=0.0)), x) * eps_hat
         c = s_s * eta * torch.sqrt(r)
         if c > 0:
-            x = x + _coef(c, x) * _randn(x, generator)
+            x = x + _coef(c, x) * gaussian_like(x, generator)
     return x, n
 
 
@@ -380,7 +379,7 @@ def pc(
     if isinstance(snr, bool) or not isinstance(snr, (int, float)) or not (math.isfinite(snr) and snr > 0):
         raise ValueError(f"snr must be a finite number > 0, got {snr!r}")
     _check_last_step(last_step)
-    _check_callback(callback)
+    check_callback(callback)
     wf = diffusion_fn("g2", path)
     n, nfe = len(grid) - 1, 0
     for i in range(n):
@@ -391,21 +390,17 @@ def pc(
         for _ in range(n_corrector):
             score = (_coef(a_t, x) * denoiser(x, tv) - x) / _coef(s_t**2, x)
             nfe += 1
-            z = _randn(x, generator)
+            z = gaussian_like(x, generator)
             z_norm = z.flatten(1).norm(dim=1).mean()
             g_norm = score.flatten(1).norm(dim=1).mean().clamp(min=torch.finfo(x.dtype).tiny)
             step = 2.0 * float(a_ts**2) * (snr * z_norm / g_norm) ** 2
             x = x + step * score + torch.sqrt(2.0 * step) * z
-        denoised = denoiser(x, tv)
+        denoised = evaluate(denoiser, x, tv, i, float(t), callback)
         nfe += 1
-        if callback is not None:
-            callback(i, float(t), x, denoised)
         last = i == n - 1
-        if last and last_step == "denoise":
-            return denoised, nfe
-        if float(path.sigma(s)) == 0.0:  # onto data: the step's limit, see the module docstring
-            x = _coef(path.alpha(s), x) * denoised
-            break
+        end = _final(path, x, denoised, s, last, last_step)
+        if end is not None:
+            return end, nfe
         if predictor == "reverse_diffusion":
             var_ts = s_t**2 * -torch.expm1(path.log_snr(t) - path.log_snr(s))  # sigma_{t|s}^2, stably
             score = (_coef(a_t, x) * denoised - x) / _coef(s_t**2, x)
@@ -416,7 +411,7 @@ def pc(
             x = x + _coef(s - t, x) * _sde_drift(path, x, denoised, t, w_t)
             noise_std = torch.sqrt((t - s) * w_t)
         if not (last and last_step == "mean"):
-            x = x + _coef(noise_std, x) * _randn(x, generator)
+            x = x + _coef(noise_std, x) * gaussian_like(x, generator)
     return x, nfe
 
 
@@ -486,7 +481,7 @@ def adaptive_sde(
             raise ValueError(f"{name} must be a finite number > 0, got {val!r}")
     if isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 1:
         raise ValueError(f"max_iters must be a positive integer, got {max_iters!r}")
-    _check_callback(callback)
+    check_callback(callback)
     t_end = grid[-1] if float(path.sigma(grid[-1])) > 0 else grid[-2]
     t0 = grid[0]
     tol = 1e-12 * max(1.0, float(t0))  # a sample within rounding of t_end has finished
@@ -508,7 +503,7 @@ def adaptive_sde(
         if brownian_memory:
             dw, new_dt, new_dw, used = _brownian_increment(qdt[idx], qdw[idx], ha, generator)
         else:
-            dw = _coef(ha.sqrt(), xa) * _randn(xa, generator)
+            dw = _coef(ha.sqrt(), xa) * gaussian_like(xa, generator)
         d1 = denoiser(xa, _tvec(ta, xa))
         w1 = _w_at(wf, ta)
         x1 = xa - _coef(ha, xa) * _sde_drift(path, xa, d1, ta, w1) + _coef(w1.sqrt(), xa) * dw
