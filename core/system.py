@@ -509,7 +509,10 @@ def langevin_step(
     return mean + torch.sqrt(2.0 * step) * z * scale_eps, mean
 
 
-def _check_options(snr, scale_eps, last_step, discrete_steps) -> None:
+def _check_inputs(models, system: GaussianSystem, state, snr, scale_eps, last_step, discrete_steps) -> State:
+    """The checks :func:`system_pc` and :func:`system_s4` share; returns the checked state."""
+    _check_models(models, system)
+    state = system.check_state(state)
     if isinstance(snr, bool) or not isinstance(snr, (int, float)) or not (math.isfinite(snr) and snr > 0):
         raise ValueError(f"snr must be a finite number > 0, got {snr!r}")
     if (
@@ -522,6 +525,16 @@ def _check_options(snr, scale_eps, last_step, discrete_steps) -> None:
         raise ValueError(f"unknown last_step {last_step!r}; choose one of {LAST_STEPS}")
     if discrete_steps is not None:
         _check_n(discrete_steps)
+    return state
+
+
+def _noise_source(system: GaussianSystem, noise: NoiseSource | None, mask: Tensor | None, generator) -> NoiseSource:
+    """``draw(k, like)``: the replayed ``noise`` if given, else component ``k``'s own masked draw."""
+
+    def draw(k: int, like: Tensor) -> Tensor:
+        return noise(k, like) if noise is not None else system[k].draw(like, mask, generator)
+
+    return draw
 
 
 def _resolve(system: GaussianSystem, grid, discrete_steps, need_alpha: bool = False) -> Tensor:
@@ -629,9 +642,7 @@ def system_pc(
         the final state and the NFE: system evaluations (each one call of every component's model),
         ``steps * (n_corrector + 1)`` with a predictor.
     """
-    _check_models(models, system)
-    state = system.check_state(state)
-    _check_options(snr, scale_eps, last_step, discrete_steps)
+    state = _check_inputs(models, system, state, snr, scale_eps, last_step, discrete_steps)
     if predictor not in PC_PREDICTORS:
         raise ValueError(f"unknown predictor {predictor!r}; choose one of {PC_PREDICTORS}")
     if corrector not in PC_CORRECTORS:
@@ -639,10 +650,7 @@ def system_pc(
     if isinstance(n_corrector, bool) or not isinstance(n_corrector, int) or n_corrector < 0:
         raise ValueError(f"n_corrector must be an integer >= 0, got {n_corrector!r}")
     grid = _resolve(system, grid, discrete_steps, need_alpha=predictor == "euler_maruyama")
-
-    def draw(k: int, like: Tensor) -> Tensor:
-        return noise(k, like) if noise is not None else system[k].draw(like, mask, generator)
-
+    draw = _noise_source(system, noise, mask, generator)
     half = 0.5 if probability_flow else 1.0
     means = state
     nfe = 0
@@ -720,14 +728,9 @@ def system_s4(
     Draw order per step: Langevin noise of every component, then the first transition's, then the
     second's (GDSS's order). Returns the state and the NFE (one per step).
     """
-    _check_models(models, system)
-    state = system.check_state(state)
-    _check_options(snr, scale_eps, last_step, discrete_steps)
+    state = _check_inputs(models, system, state, snr, scale_eps, last_step, discrete_steps)
     grid = _resolve(system, grid, discrete_steps, need_alpha=True)
-
-    def draw(k: int, like: Tensor) -> Tensor:
-        return noise(k, like) if noise is not None else system[k].draw(like, mask, generator)
-
+    draw = _noise_source(system, noise, mask, generator)
     means = state
     nfe = 0
     n = len(system)
