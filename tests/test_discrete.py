@@ -347,8 +347,14 @@ def test_dce_equals_score_entropy_with_radd_score():
     t = torch.rand(B, generator=g, dtype=D64) * 0.999 + 1e-3
     xt = Absorbing(V).sample_transition(x0, noise.sigma(t), generator=g)
     sedd = score_entropy_loss(lambda x, s: absorbing_log_score(log_probs_fn(x), x, s), graph, noise, x0, t=t, xt=xt)
-    dce = absorbing_dce_loss(log_probs_fn, graph, noise, x0, t=t, xt=xt)
+    def dce_of(xt_):
+        return absorbing_dce_loss(log_probs_fn, graph, noise, x0, t=t, xt=xt_)
+
+    dce = dce_of(xt)
     torch.testing.assert_close(sedd, dce, rtol=1e-12, atol=1e-12)
+    for loss in (lambda: dce_of(xt[:, :-1]), lambda: dce_of(xt[:1])):  # an xt of another shape is named
+        with pytest.raises(ValueError, match="xt shape"):
+            loss()
     # the score is the clean conditional over (e^sigma - 1), 1 at the current token
     x = torch.where(torch.rand(B, L, generator=g) < 0.5, V, x0)
     sigma = torch.full((B,), 0.7, dtype=D64)

@@ -76,6 +76,8 @@ def _forward(graph: Graph, noise: Noise, x0, t, xt, sampling_eps: float, generat
     if sigma.shape != (x0.shape[0],):
         raise ValueError(f"t must have shape (B,) = ({x0.shape[0]},), got {tuple(sigma.shape)}")
     xt = graph.sample_transition(x0, sigma, generator) if xt is None else graph.check_ids(xt, "xt")
+    if xt.shape != x0.shape:
+        raise ValueError(f"xt shape {tuple(xt.shape)} differs from x0 shape {tuple(x0.shape)}")
     return x0, t, sigma, dsigma, xt
 
 
@@ -98,8 +100,6 @@ def score_entropy_loss(
     ``losses.get_loss_fn``, so a seeded global RNG reproduces it. Returns (B,).
     """
     x0, t, sigma, dsigma, xt = _forward(graph, noise, x0, t, xt, sampling_eps, generator)
-    if xt.shape != x0.shape:
-        raise ValueError(f"xt shape {tuple(xt.shape)} differs from x0 shape {tuple(x0.shape)}")
     log_score = log_score_fn(xt, sigma)
     se = graph.score_entropy(log_score, sigma, xt, x0)
     return (_per_token(dsigma, se).to(se.dtype) * se).flatten(1).sum(1)
