@@ -99,10 +99,17 @@ def test_structure_and_finite_numbers(tiny):
             assert q["sem"] == pytest.approx(q["std"] / math.sqrt(2))
             assert q["n_le_published"] == int((v <= pub).sum()) and q["published"] == pub
             assert math.isfinite(q["pooled"]) and q["pooled"] > -1e-9
+    for pair in ("raw-ema", "raw-official", "ema-official"):
+        for stat in PUBLISHED:
+            d = np.array(res["models"][pair.split("-")[0]]["summary"][stat]["values"]) - np.array(
+                res["models"][pair.split("-")[1]]["summary"][stat]["values"])
+            q = res["paired"][pair][stat]
+            assert q["mean"] == pytest.approx(d.mean()) and q["a_lower"] == int((d < 0).sum())
+    assert all(q["mean"] == 0 and q["a_lower"] == 0 for q in res["paired"]["raw-official"].values())
     saved = json.loads((out / "results.json").read_text())
     assert saved["models"]["raw"]["per_chunk"] == res["models"]["raw"]["per_chunk"]
     table = (out / "table.md").read_text()
-    assert "official GDSS checkpoint" in table and "perfect generator" in table and "0.045" in table
+    assert "raw - official" in table and "official GDSS checkpoint" in table and "perfect generator" in table and "0.045" in table
 
 
 def test_each_chunk_is_what_evaluate_gives_for_its_seed(tiny, tmp_path):
