@@ -321,6 +321,26 @@ def test_export_metrics_and_sampling(tmp_path):
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3
 
 
+def test_export_holds_only_the_state_dict(tmp_path):
+    # A non-persistent buffer (as RoPE frequency tables) is tracked by the EMA for sampling but is
+    # not part of the model's state: the export must load with strict=True into a fresh model.
+    from safetensors.torch import load_file
+
+    def model():
+        m = tiny_model()
+        m.register_buffer("freqs", torch.arange(4.0), persistent=False)
+        m.register_buffer("count", torch.zeros(()))
+        return m
+
+    tr = Trainer(model(), denoise_loss, tiny_data(), make_cfg(tmp_path, steps=2, ckpt_every=2))
+    tr.fit()
+    assert "freqs" in tr.ema.averaged(0.9)
+    exported = load_file(str(tmp_path / "ema_0.9.safetensors"))
+    fresh = model()
+    assert set(exported) == set(fresh.state_dict()) and "count" in exported
+    fresh.load_state_dict(exported, strict=True)
+
+
 def test_tensorboard_is_used_when_importable(tmp_path, monkeypatch):
     import types
 

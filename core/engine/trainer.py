@@ -494,8 +494,11 @@ class Trainer:
             if self.is_main:
                 out.append(export_safetensors(sd, self.out_dir / "model.safetensors", meta))
             return out
+        # the shadows also track non-persistent buffers (swapped in for sampling); an export holds
+        # what the model's state_dict holds, so it loads with load_state_dict(strict=True)
+        persistent = set(self.raw_model.state_dict())
         for d in self.ema.decays:
-            weights = self.ema.averaged(d, full=True)
+            weights = {k: v for k, v in self.ema.averaged(d, full=True).items() if k in persistent}
             if self.is_main:
                 path = self.out_dir / f"ema_{decay_key(d)}.safetensors"
                 out.append(export_safetensors(weights, path, {**meta, "ema_decay": decay_key(d)}))
