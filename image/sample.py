@@ -187,13 +187,10 @@ def _sample_ddpm(model, labels, nfe, cfg_scale, interval, gamma, generator, shap
 
 
 def to_uint8(x: Tensor) -> Tensor:
-    """[-1, 1] images -> uint8 (image.data.from_model_range when available)."""
-    try:
-        from .data import from_model_range
+    """[-1, 1] images -> uint8 (:func:`image.data.from_model_range`: clamped, non-finite values rejected)."""
+    from .data import from_model_range
 
-        return from_model_range(x)
-    except ImportError:  # pragma: no cover - image.data absent
-        return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return from_model_range(x)
 
 
 @torch.no_grad()
@@ -272,8 +269,9 @@ def sampler_table(checkpoint_path, samplers: list[str], nfes: list[int], n_per_c
             images, labels, info = generate(checkpoint_path, n_per_class, name, nfe, cfg_scale, seed, model=loaded,
                                             return_info=True, **kwargs)
             seconds = time.perf_counter() - t0
-            metrics = evaluate_samples(images, labels, loaded[1]["dataset"],
-                                       root=(loaded[1].get("data") or {}).get("root"))
+            data = loaded[1].get("data") or {}  # a folder run: its root, and its unreadable files skipped as in training
+            metrics = evaluate_samples(images, labels, loaded[1]["dataset"], root=data.get("root"),
+                                       on_error=data.get("on_error", "raise"))
             row = {"sampler": name, "nfe_budget": nfe, "nfe": info["nfe"],
                    "network_evals_per_sample": info["network_evals_per_sample"], "cfg_scale": cfg_scale,
                    "seconds": round(seconds, 2),

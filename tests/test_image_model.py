@@ -391,8 +391,8 @@ def test_sampler_table_rows(tmp_path, monkeypatch):
 
     calls = []
 
-    def fake_evaluate(images, labels, dataset_name, root=None):  # stands in for image.evaluate: mean intensity
-        calls.append((images.clone(), dataset_name))
+    def fake_evaluate(images, labels, dataset_name, root=None, on_error=None):  # stands in for image.evaluate
+        calls.append((images.clone(), dataset_name, root, on_error))
         return {"mean": float(images.float().mean()), "note": "not a number: left out"}
 
     monkeypatch.setitem(sys.modules, "image.evaluate", types.SimpleNamespace(evaluate_samples=fake_evaluate))
@@ -402,6 +402,7 @@ def test_sampler_table_rows(tmp_path, monkeypatch):
     assert rows[0]["nfe"] == 3 and rows[0]["network_evals_per_sample"] == 6 and "note" not in rows[0]
     imgs, _ = generate(d, 2, "heun", 6, 2.0, seed=5)
     assert torch.equal(calls[3][0], imgs) and calls[3][1] == "digits"
+    assert calls[3][2:] == (None, "raise")  # the run's data.root and data.on_error reach the evaluation
     assert rows[3]["mean"] == pytest.approx(float(imgs.float().mean()))
     with open(tmp_path / "t.csv") as f:
         assert len(list(csv.DictReader(f))) == 4
