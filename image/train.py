@@ -122,9 +122,8 @@ def load_training_images(cfg: ImageDataConfig, split: str = "train"):
         kwargs["on_error"] = cfg.on_error
     images = load_images(cfg.name, **kwargs)
     if cfg.limit and cfg.limit < len(images.labels):
-        files = list(getattr(images, "files", []) or [])[: cfg.limit]
         images = dataclasses.replace(images, images=images.images[: cfg.limit], labels=images.labels[: cfg.limit],
-                                     **({"files": files} if files else {}))
+                                     files=images.files[: cfg.limit])  # empty for the fixed sets
     return images
 
 

@@ -235,3 +235,23 @@ def test_folder_run_is_evaluated_against_its_own_folder(tmp_path):
                  "trainer.batch_size=4", "sampler.eval_per_class=2", "sampler.eval_batch=4", "model.patch_size=2")
     ev = json.loads((out / "eval.json").read_text())
     assert ev == result["eval"] and ev["n_samples"] == 4 and 0.0 <= ev["class_consistency"] <= 1.0
+    assert ev["n_test"] == 12 and ev["image_shape"] == [1, 8, 8]  # compared with the 12 folder images, not digits
+
+
+def test_limit_keeps_folder_files_aligned_with_images(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from image.data import load_images
+    from image.train import ImageDataConfig, load_training_images
+
+    root = tmp_path / "imgs"
+    for c, level in (("a", 30), ("b", 220)):
+        (root / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((8, 8), level + i, dtype=np.uint8)).save(root / c / f"{i}.png")
+    full = load_images("folder", root=str(root))
+    cut = load_training_images(ImageDataConfig(name="folder", root=str(root), limit=4))
+    assert len(cut) == 4 and cut.files == full.files[:4] and torch.equal(cut.images, full.images[:4])
+    assert cut.files[3].endswith("b/0.png") and int(cut.images[3].max()) == 220  # file i is image i
+    assert load_training_images(ImageDataConfig(name="digits", limit=5)).files == []
