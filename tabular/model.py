@@ -556,10 +556,9 @@ class CDTD(nn.Module):
                 t_cur = float(t.reshape(-1)[0])
                 i = min(range(len(times) - 1), key=lambda k: abs(times[k] - t_cur))
                 t_next = times[i + 1]
-                s_now = self.timewarp.sigma(torch.tensor([u], dtype=torch.float64, device=x.device))[0]
                 s_next = self.timewarp.sigma(torch.tensor([self.u_of_t(t_next)], dtype=torch.float64,
                                                           device=x.device))[0]
-                ratio = (1.0 - s_next / s_now.clamp_min(1e-300)) / (1.0 - t_next / t_cur)
+                ratio = (1.0 - s_next / sig_f.clamp_min(1e-300)) / (1.0 - t_next / t_cur)  # sig_f: sigma_f(u)
                 r = self._expand(ratio.clamp(0.0, R_MAX)).to(x.dtype)
             else:
                 r = self._expand(self.timewarp.ratio(u)).to(x.dtype)

@@ -182,7 +182,7 @@ def train(cfg: DictConfig) -> dict:
 
 
 # ValueErrors from the data (a bad CSV column or value) exit like a bad config: code 2, one line.
-main = hydra_entry(train, Path(__file__).resolve().parents[1] / "configs" / "tabular", input_errors=(ValueError,))
+main = hydra_entry(train, REPO_CONFIGS, input_errors=(ValueError,))
 
 if __name__ == "__main__":
     main()

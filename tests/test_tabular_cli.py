@@ -74,6 +74,9 @@ def test_config_validation_names_the_bad_value():
         TabularDataConfig(name="csv", path="/no/such.csv").validate()
     with pytest.raises(ValueError, match="sampler.name"):
         TabularSamplerConfig(name="nope").validate()
+    for name in ("time_limit_s", "cpu_time_limit_s"):
+        with pytest.raises(ValueError, match=f"eval.{name}"):
+            TabularEvalConfig(**{name: 0}).validate()
     assert (REPO_CONFIGS / "config.yaml").is_file()
 
 

@@ -192,6 +192,16 @@ def test_bad_arguments():
         TabularDiffusion(sampler="nope")
     with pytest.raises(RuntimeError, match="not fitted"):
         TabularDiffusion().sample(3)
+    for name in ("time_limit_s", "cpu_time_limit_s"):
+        with pytest.raises(ValueError, match=f"{name}=0"):
+            TabularDiffusion(**{name: 0})
+
+
+def test_cpu_time_limit_stops_the_fit():
+    df = pd.DataFrame({"a": np.random.default_rng(0).normal(size=200)})
+    m = TabularDiffusion(steps=100_000, warmup_steps=1, cpu_time_limit_s=0.3, **TINY).fit(df)
+    assert 0 < m.fit_steps < 100_000 and len(m.history) == m.fit_steps
+    assert m.fit_cpu_seconds >= 0.3  # it stops at the first step past the limit
 
 
 @pytest.mark.parametrize("kind", ["numerical", "categorical"])
@@ -207,3 +217,32 @@ def test_single_type_tables(kind):
         s = m.sample(20, seed=0)
         assert s.shape == (20, 2) and all(m.schema[c].kind == kind for c in df.columns)
         assert not m.impute(df.iloc[:5].mask(np.eye(5, 2, dtype=bool))).isna().any().any()
+
+
+def test_secant_ratio_makes_euler_the_per_feature_euler_step_in_sigma():
+    """With the sampler's grid, one Euler step on EDM's path (t -> t') moves every feature ``f`` as the
+    official per-feature Euler step in its own sigma: ``x_f + (sigma_f' - sigma_f) (x_f - D_f) / sigma_f``."""
+    torch.manual_seed(0)
+    m = CDTD(2, [3, 4], CDTDConfig(hidden=16, mlp_layers=1, emb_dim=4))
+    with torch.no_grad():
+        m.timewarp.logit_mu.copy_(torch.tensor([-0.5, 0.3]))
+        m.timewarp.logit_v.copy_(torch.tensor([0.4, 1.0]))
+        for name, p in m.named_parameters():  # a network whose D is not trivial
+            if not name.startswith("timewarp"):
+                p.add_(0.1 * torch.randn_like(p))
+    m.eval()
+    grid = m.u_grid(6)
+    x = torch.randn(5, sum(m._sizes), generator=torch.Generator().manual_seed(1)) * 3
+    d_secant = m.make_denoiser(grid=grid)
+    ratio = m.timewarp.ratio
+    m.timewarp.ratio = lambda u: torch.ones_like(ratio(u))  # r = 1: the plain denoiser's D
+    d_plain = m.make_denoiser()
+    for i in (0, 2, 4):
+        t, t_next = float(grid[i]), float(grid[i + 1])
+        tv = torch.full((5,), t)
+        with torch.no_grad():
+            euler = x + (t_next - t) * (x - d_secant(x, tv)) / t  # Euler on sigma = sigma_max t, alpha = 1
+            D = d_plain(x, tv)
+        s = m.timewarp.sigma(torch.tensor([m.u_of_t(t), m.u_of_t(t_next)], dtype=torch.float64))
+        s_now, s_next = (m._expand(v).float() for v in s)
+        torch.testing.assert_close(euler, x + (s_next - s_now) * (x - D) / s_now, rtol=1e-4, atol=1e-4)
