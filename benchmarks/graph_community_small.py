@@ -49,7 +49,15 @@ from core.engine.config import to_schema
 from graph.data import dense_to_networkx
 from graph.metrics import evaluate_graphs
 from graph.sample import load_run
-from graph.train import GDSSModel, GraphData, GraphModelConfig, GraphSamplerConfig, load_data, sample_graphs
+from graph.train import (
+    MOLECULE_DATASETS,
+    GDSSModel,
+    GraphData,
+    GraphModelConfig,
+    GraphSamplerConfig,
+    load_data,
+    sample_graphs,
+)
 from graph.utils import quantize
 
 __all__ = [
@@ -224,7 +232,7 @@ def run_benchmark(run: str | Path, official: str | Path | None = None, seeds: in
     if "official" in models and official is None:
         raise ValueError("model 'official' needs the path of the official checkpoint (official=...)")
     raw, data_cfg, sampler, ckpt_step = load_run(run)
-    if data_cfg.name in ("qm9", "moses", "file"):
+    if data_cfg.name in MOLECULE_DATASETS:
         raise ValueError(f"the run {run} is on molecules ({data_cfg.name!r}); this benchmark scores generic graphs")
     run_info = json.loads((Path(run) / "run.json").read_text())
     steps = int(steps or run_info["model"]["sde_adj"]["num_scales"])

@@ -34,6 +34,8 @@ import torch
 from rdkit import Chem
 from tqdm import tqdm
 
+from core.engine.checkpoint import save_checkpoint
+
 from .molecules import (
     MOSES_ATOMS,
     QM9_ATOMS,
@@ -330,10 +332,7 @@ def _cached(test_smiles: Sequence[str], kind: str, cache: Path | None = None):
             saved = {"mean": nspdk_mean_embedding([Chem.MolFromSmiles(s) for s in test_smiles])}
         else:
             saved = dict(fcd_stats(test_smiles))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save({k: torch.as_tensor(v) for k, v in saved.items()}, tmp)
-        tmp.replace(path)
+        save_checkpoint({k: torch.as_tensor(v) for k, v in saved.items()}, path)  # atomic: runs may share it
     value = saved["mean"] if kind == "nspdk" else {"mu": saved["mu"], "sigma": saved["sigma"]}
     _TEST_STATS[(kind, digest)] = value
     return value

@@ -29,7 +29,6 @@ are read through the molecule module's interface, imported only for them:
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import logging
 import math
@@ -376,11 +375,8 @@ def evaluate(model: GDSSModel, data: GraphData, sampler: GraphSamplerConfig, ste
     if data.is_molecule:
         from .mol_metrics import evaluate_molecules
 
-        params = inspect.signature(evaluate_molecules).parameters
-        kw = {"out_dir": folder} if "out_dir" in params else {}
-        if data.atoms is not None and "atoms" in params:
-            kw["atoms"] = data.atoms  # a SMILES file's own vocabulary
-        metrics.update(evaluate_molecules(x, adj, flags, data.train_smiles, data.test_smiles, **kw))
+        kw = {} if data.atoms is None else {"atoms": data.atoms}  # e.g. a SMILES file's own vocabulary
+        metrics.update(evaluate_molecules(x, adj, flags, data.train_smiles, data.test_smiles, out_dir=folder, **kw))
     else:
         from .draw import draw_graphs
         from .metrics import evaluate_graphs
