@@ -144,12 +144,19 @@ def accuracy(clf: ImageClassifier, data: ImageSet, batch_size: int = 500) -> flo
 def train_classifier(train: ImageSet, recipe: ClassifierRecipe | None = None, *, out_dir: str | Path,
                      device: str = "auto", progress: bool = True) -> ImageClassifier:
     """Train an :class:`ImageClassifier` on ``train`` with the core engine (run directory ``out_dir``, resumable)."""
-    from core.engine.config import TrainerConfig, validate_trainer
-    from core.engine.trainer import Trainer
-
     recipe = recipe or ClassifierRecipe()
     if len(train) < 2 or train.num_classes < 2:
         raise ValueError(f"the classifier needs at least 2 images and 2 classes, got {len(train)} and {train.num_classes}")
+    # the Trainer (and the seeded initial weights) reseed the global RNG: fork it so that the caller's
+    # next draws are the same whether or not an evaluation classifier had to be trained
+    with torch.random.fork_rng():
+        return _train_classifier(train, recipe, out_dir, device, progress)
+
+
+def _train_classifier(train: ImageSet, recipe: ClassifierRecipe, out_dir, device: str, progress: bool) -> ImageClassifier:
+    from core.engine.config import TrainerConfig, validate_trainer
+    from core.engine.trainer import Trainer
+
     torch.manual_seed(recipe.seed)  # the initial weights
     clf = ImageClassifier(train.shape[0], train.num_classes, tuple(recipe.widths), recipe.convs_per_stage)
     steps = recipe.steps_for(len(train))
