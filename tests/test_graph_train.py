@@ -144,10 +144,13 @@ def test_molecule_interface(tmp_path, monkeypatch):
         run(tmp_path / "mol2", "data.name=qm9", "data.max_feat_num=4", "trainer.batch_size=8")
 
 
-def test_a_users_smiles_file_trains_and_is_evaluated(tmp_path):
+def test_a_users_smiles_file_trains_and_is_evaluated(tmp_path, monkeypatch):
     # data=smiles: a user's file goes through the same entry point; the invalid line is skipped with a
     # count, the file's own three elements are the vocabulary, and the molecule outputs are written.
     pytest.importorskip("rdkit")
+    import graph.mol_metrics as mm
+
+    monkeypatch.setattr(mm, "STATS_CACHE", tmp_path / "stats")  # the test-set statistics stay in tmp_path
     smi = tmp_path / "my.smi"
     smi.write_text("\n".join(["CCO", "c1ccccc1", "CC(=O)O", "not_a_smiles", "CCN", "COC", "CC(C)O", "OCCO",
                               "CCCC", "C1CC1", "CN", "CC#N", "NCCO", "CCOC", "OC=O", "CC=C"]) + "\n")
@@ -160,6 +163,18 @@ def test_a_users_smiles_file_trains_and_is_evaluated(tmp_path):
     assert result["eval"]["n_samples"] == 6
     for name in ("smiles.txt", "molecules.sdf", "grid.png"):
         assert (out / "eval" / name).exists()
+    # Round trip: the saved samples, decoded with the file's own vocabulary, give the reported metrics.
+    from graph.mol_metrics import evaluate_molecules
+    from graph.molecules import load_molecule_dataset
+
+    ds = load_molecule_dataset("file", path=smi, cache_dir=tmp_path / "c", progress=False)
+    assert sorted(ds["atoms"]) == ["C", "N", "O"] and len(ds["smiles"]) == 15 and ds["max_atoms"] == 6
+    s = torch.load(out / "eval" / "samples.pt", weights_only=True)
+    again = evaluate_molecules(s["x"], s["adj"], s["flags"], [ds["smiles"][i] for i in ds["train_idx"].tolist()],
+                               [], atoms=ds["atoms"], nspdk=False, fcd_metric=False)
+    for key in ("validity_wo_correction", "validity", "uniqueness", "novelty"):
+        assert again[key] == pytest.approx(metrics[key], nan_ok=True), key
+    assert len(list((tmp_path / "stats").glob("mol_test_*.pt"))) == 2  # NSPDK and FCD statistics
     with pytest.raises(ConfigError, match="max_node_num"):
         run(tmp_path / "bad", "data=smiles", f"data.options.path={smi}", f"data.options.cache_dir={tmp_path / 'c'}",
             "data.max_node_num=9", "data.max_feat_num=3", "trainer.batch_size=8")
