@@ -72,8 +72,11 @@ def _check(images: Tensor, labels: Tensor) -> Tensor:
 
 
 def _reference(dataset_name: str, root: str | None, shape: tuple[int, int, int], cache_dir: str,
-               on_error: str = "raise", **clf_kwargs):
-    """(classifier, test ImageSet, test features, size/channel arguments) for images of ``shape``."""
+               on_error: str = "raise", classifier: ImageClassifier | None = None, **clf_kwargs):
+    """(classifier, test ImageSet, test features, size/channel arguments) for images of ``shape``.
+
+    ``classifier``: use it (nothing cached is loaded or trained); else the cached evaluation classifier.
+    """
     C, H, W = shape
     if dataset_name == "folder":  # no split and no native size: the folder's images at the samples' size
         split, native, size, channels = "train", None, H, C
@@ -86,15 +89,23 @@ def _reference(dataset_name: str, root: str | None, shape: tuple[int, int, int],
         if H != W and size is not None:
             raise ValueError(f"generated images are {H}x{W}, the data set's {native.shape[1:]}: cannot match non-square")
         channels = None if native.shape[0] == C else C
-    key = (dataset_name, root, size, channels, str(cache_dir), on_error, repr(sorted(clf_kwargs.items())))
-    if key not in _REFERENCE_CACHE:
-        clf = load_or_train_classifier(dataset_name, cache_dir, root=root, image_size=size, channels=channels,
-                                       on_error=on_error, **clf_kwargs)
+
+    def test_images() -> ImageSet:
         test = native if size is None and channels is None else load_images(dataset_name, split, root=root,
                                                                             image_size=size, channels=channels,
                                                                             on_error=on_error)
         if test.shape != shape:
             raise ValueError(f"the {dataset_name} test images are {test.shape}, the generated ones {shape}")
+        return test
+
+    if classifier is not None:
+        test = test_images()
+        return classifier, test, classifier_features(classifier, test.images), size, channels
+    key = (dataset_name, root, size, channels, str(cache_dir), on_error, repr(sorted(clf_kwargs.items())))
+    if key not in _REFERENCE_CACHE:
+        clf = load_or_train_classifier(dataset_name, cache_dir, root=root, image_size=size, channels=channels,
+                                       on_error=on_error, **clf_kwargs)
+        test = test_images()
         _REFERENCE_CACHE.clear()  # keep one data set's features in memory
         _REFERENCE_CACHE[key] = (clf, test, classifier_features(clf, test.images), size, channels)
     return _REFERENCE_CACHE[key]
@@ -129,9 +140,7 @@ def evaluate_samples(images: Tensor, labels: Tensor, dataset_name: str, *, root:
     labels = _check(images, labels)
     t0 = time.perf_counter()
     clf, test, test_feats, size, channels = _reference(dataset_name, root, tuple(images.shape[1:]), str(cache_dir),
-                                                       on_error, **classifier_kwargs)
-    if classifier is not None:
-        clf, test_feats = classifier, classifier_features(classifier, test.images)
+                                                       on_error, classifier, **classifier_kwargs)
     if int(labels.max()) >= test.num_classes or int(labels.min()) < 0:
         raise ValueError(f"labels must lie in [0, {test.num_classes}) for {dataset_name}, got "
                          f"[{int(labels.min())}, {int(labels.max())}]")

@@ -224,6 +224,19 @@ def test_evaluate_samples_on_real_and_wrong_labels(tiny_classifier):
         evaluate_samples(test.images, test.labels + 10, "digits", cache_dir=cache, recipe=TINY)
 
 
+def test_evaluate_samples_with_a_given_classifier_trains_none(tiny_classifier, tmp_path):
+    from image.classifier import accuracy
+    from image.evaluate import evaluate_samples
+
+    _, clf = tiny_classifier
+    test = load_images("digits", "test")
+    empty = tmp_path / "no_classifiers"
+    m = evaluate_samples(test.images, test.labels, "digits", cache_dir=empty, classifier=clf, reference=False)
+    assert not empty.exists()  # no evaluation classifier was trained or cached
+    assert m["class_consistency"] == pytest.approx(accuracy(clf, test)) and m["frechet_distance"] == pytest.approx(0, abs=1e-8)
+    assert m["classifier_test_accuracy"] == clf.meta["test_accuracy"]
+
+
 def test_evaluate_samples_at_a_padded_size(tmp_path):
     from image.evaluate import evaluate_samples
 
