@@ -252,6 +252,10 @@ def _generic(cfg: GraphDataConfig) -> GraphData:
 def _molecules(cfg: GraphDataConfig) -> GraphData:
     from .molecules import load_molecule_dataset  # the molecule side (RDKit) is imported only when used
 
+    if cfg.name == "file":  # a user's path: a clear config error rather than a traceback from deep in the reader
+        path = dict(cfg.options).get("path")
+        if not path or not Path(str(path)).is_file():
+            raise ConfigError(f"data.options.path={path!r} is not a file (data=smiles reads a SMILES file)")
     out = load_molecule_dataset(cfg.name, **dict(cfg.options))
     missing = {"x", "adj", "flags", "train_idx", "test_idx", "smiles"} - set(out)
     if missing:

@@ -178,3 +178,6 @@ def test_a_users_smiles_file_trains_and_is_evaluated(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="max_node_num"):
         run(tmp_path / "bad", "data=smiles", f"data.options.path={smi}", f"data.options.cache_dir={tmp_path / 'c'}",
             "data.max_node_num=9", "data.max_feat_num=3", "trainer.batch_size=8")
+    with pytest.raises(ConfigError, match="data.options.path="):
+        run(tmp_path / "missing", "data=smiles", f"data.options.path={tmp_path / 'missing.smi'}",
+            "data.max_node_num=6", "data.max_feat_num=3", "trainer.batch_size=8")
