@@ -56,6 +56,7 @@ from torch import Tensor
 from .grids import validate_grid
 from .paths import GaussianPath, SubVPPath, VEPath, VPPath
 from .predictions import PREDICTIONS, convert, from_x0_eps
+from .samplers._common import gaussian_like
 
 __all__ = [
     "NOISE_KINDS",
@@ -122,13 +123,9 @@ def mask_pairs(a: Tensor, mask: Tensor | None) -> Tensor:
     return a * m.unsqueeze(-1) * m.unsqueeze(-2)
 
 
-def _randn(like: Tensor, generator: torch.Generator | None) -> Tensor:
-    return torch.randn(like.shape, generator=generator, dtype=like.dtype, device=like.device)
-
-
 def iid_noise(like: Tensor, mask: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
     """N(0, I) noise shaped like ``like`` ``(B, N, ...)``, padded rows zeroed (GDSS ``gen_noise(sym=False)``)."""
-    return mask_nodes(_randn(like, generator), mask)
+    return mask_nodes(gaussian_like(like, generator), mask)
 
 
 def symmetric_noise(like: Tensor, mask: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
@@ -140,7 +137,7 @@ def symmetric_noise(like: Tensor, mask: Tensor | None = None, generator: torch.G
     """
     if like.ndim < 2 or like.shape[-1] != like.shape[-2]:
         raise ValueError(f"symmetric noise needs square trailing dimensions, got shape {tuple(like.shape)}")
-    z = _randn(like, generator).triu(1)
+    z = gaussian_like(like, generator).triu(1)
     return mask_pairs(z + z.transpose(-1, -2), mask)
 
 
