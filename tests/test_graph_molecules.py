@@ -246,7 +246,11 @@ def test_evaluate_molecules_on_training_copies(qm9, tmp_path, monkeypatch):
     assert m["novelty"] == pytest.approx(len(set(qm9["smiles"][130:160]) - set(train)) / n_unique)
     assert m["nspdk_mmd"] > 0 and len(uncharged) > 0
     assert len(list((tmp_path / "cache").glob("mol_test_nspdk_*.pt"))) == 1  # test statistics kept on disk
+    monkeypatch.setattr(mm, "_TEST_STATS", {})  # a new process: the statistics come back from the disk
+    embedded, embed = [], mm.nspdk_mean_embedding
+    monkeypatch.setattr(mm, "nspdk_mean_embedding", lambda g, **o: embedded.append(len(g)) or embed(g, **o))
     again = evaluate_molecules(x, adj, flags, train, qm9["smiles"][300:400], fcd_metric=False)
+    assert len(embedded) == 1  # only the generated set is embedded; the test set's mean is read back
     assert again["nspdk_mmd"] == m["nspdk_mmd"]
     # outputs: SMILES, an SDF that RDKit reads back, a PNG grid
     assert len((tmp_path / "smiles.txt").read_text().split()) == 80
