@@ -401,6 +401,14 @@ class CDTD(nn.Module):
 
     # -- training ------------------------------------------------------------------------------------
 
+    def _noised(self, x_num, x_cat, sigma, generator):
+        """The forward process at per-feature noise ``sigma`` (B, F): ``(emb(x_cat) + sigma eps, x_num + sigma eps)``;
+        draws the categorical noise, then the numerical (the same draws in training and in :meth:`denoising_error`)."""
+        emb0 = self.cat_emb(x_cat)
+        noise_cat = torch.randn(emb0.shape, generator=generator, device=x_num.device)
+        noise_num = torch.randn(x_num.shape, generator=generator, device=x_num.device)
+        return emb0 + noise_cat * sigma[:, : self.n_cat, None], x_num + noise_num * sigma[:, self.n_cat:]
+
     def loss(self, x_num: torch.Tensor, x_cat: torch.Tensor, num_observed: torch.Tensor | None = None,
              generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
         """CDTD training loss of a batch: x_num (B, n_num) float, x_cat (B, n_cat) int64.
@@ -422,11 +430,7 @@ class CDTD(nn.Module):
             known &= ~known.all(1, keepdim=True)  # keep at least one feature to generate
             free = ~known.any(1)
             sigma = sigma.masked_fill(known, 0.0)
-        emb0 = self.cat_emb(x_cat)
-        noise_cat = torch.randn(emb0.shape, generator=generator, device=dev)
-        noise_num = torch.randn(x_num.shape, generator=generator, device=dev)
-        x_cat_t = emb0 + noise_cat * sigma[:, : self.n_cat, None]
-        x_num_t = x_num + noise_num * sigma[:, self.n_cat:]
+        x_cat_t, x_num_t = self._noised(x_num, x_cat, sigma, generator)
         logits, d_num = self.precondition(x_cat_t, x_num_t, u, sigma, known)
         ce = (torch.stack([F.cross_entropy(lg, x_cat[:, j], reduction="none") for j, lg in enumerate(logits)], 1)
               if logits else x_num.new_zeros(B, 0))
@@ -460,12 +464,12 @@ class CDTD(nn.Module):
         ``sigma`` for every feature: a measure of fit that, unlike the training loss, does not move
         with the learned schedule."""
         B = x_num.shape[0]
+        if not float(sigma) >= 0.0:
+            raise ValueError(f"sigma must be a noise level >= 0, got {sigma!r}")
         dev = x_num.device
         sig = torch.full((B, self.n_feat), float(sigma), device=dev)
         u = torch.full((B,), 0.5, device=dev)  # only the network's time input; fixed for comparability
-        emb0 = self.cat_emb(x_cat)
-        x_cat_t = emb0 + torch.randn(emb0.shape, generator=generator, device=dev) * sigma
-        x_num_t = x_num + torch.randn(x_num.shape, generator=generator, device=dev) * sigma
+        x_cat_t, x_num_t = self._noised(x_num, x_cat, sig, generator)
         logits, d_num = self.precondition(x_cat_t, x_num_t, u, sig)
         errs = [F.cross_entropy(lg, x_cat[:, j]) for j, lg in enumerate(logits)]
         mse = (d_num - x_num) ** 2

@@ -78,6 +78,8 @@ def test_short_fit_lowers_the_loss(german_model):
         before = start.model.denoising_error(x_num, x_cat, sigma, generator=torch.Generator().manual_seed(0))
         after = m.model.denoising_error(x_num, x_cat, sigma, generator=torch.Generator().manual_seed(0))
         assert after < 0.95 * before, (sigma, before, after)
+    with pytest.raises(ValueError, match="-1.0"):
+        m.model.denoising_error(x_num, x_cat, -1.0)
 
 
 def test_samples_have_schema_and_valid_values(german_model):
