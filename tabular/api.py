@@ -223,6 +223,9 @@ class TabularDiffusion:
         return mask, num, cat, forbid
 
     def _generate(self, n, mask, num, cat, forbid, seed, batch_size, sampler, steps):
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int | np.integer) or steps < 1):
+            # checked, not `steps or default`: a 0 would silently sample with the default
+            raise ValueError(f"steps must be a positive integer or None, got {steps!r}")
         fc = self.fit_config
         dev = torch.device(fc.device)
         gen = torch.Generator(device=dev).manual_seed(int(seed))
@@ -234,7 +237,7 @@ class TabularDiffusion:
             if mask is not None and mask[s:e].any():
                 kw = dict(known_mask=torch.from_numpy(mask[s:e]), known_num=torch.from_numpy(num[s:e]),
                           known_cat=torch.from_numpy(cat[s:e]), forbid=forbid)
-            xn, xc = self.model.sample_encoded(e - s, sampler=sampler or fc.sampler, steps=steps or fc.sample_steps,
+            xn, xc = self.model.sample_encoded(e - s, sampler=sampler or fc.sampler, steps=fc.sample_steps if steps is None else int(steps),
                                                generator=gen, **kw)
             outs_num.append(xn.cpu().numpy())
             outs_cat.append(xc.cpu().numpy())

@@ -93,6 +93,11 @@ def test_samples_have_schema_and_valid_values(german_model):
     assert s["duration"].dtype == np.int64  # integer columns stay integers
     s2 = m.sample(64, seed=1, sampler="heun", steps=6)
     assert s2.shape == s.shape
+    for bad in (0, 2.5, True):  # named, not replaced by the default number of steps
+        with pytest.raises(ValueError, match=f"steps.*{bad}"):
+            m.sample(4, steps=bad)
+        with pytest.raises(ValueError, match=f"steps.*{bad}"):
+            m.impute(df.iloc[:2].mask(np.eye(2, df.shape[1], dtype=bool)), steps=bad)
 
 
 def test_save_load_round_trip_gives_identical_samples(german_model, tmp_path):
