@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from tabular.data import DATASETS, QuantileNormal, TableEncoder, load_adult, load_diamonds, load_german
-from tabular.schema import MISSING, Schema, infer_schema
+from tabular.schema import MISSING, Schema, category_strings, infer_schema
 
 
 def mixed_frame(n=60, seed=0):
@@ -136,3 +136,13 @@ def test_shipped_data_sets():
     assert load_diamonds().shape == (53940, 10)
     for spec in DATASETS.values():
         assert spec.target in spec.categorical or spec.task == "regression"
+
+
+def test_category_strings_spell_a_value_the_same_whatever_the_dtype():
+    # an integer column that gained NaN turns float: 1 and 1.0 must stay one category, '1'
+    as_int = category_strings(pd.Series([1, 2, 3]))
+    as_float = category_strings(pd.Series([1.0, 2.0, np.nan]))
+    assert as_int.tolist() == ["1", "2", "3"]
+    assert as_float.tolist() == ["1", "2", MISSING]
+    assert category_strings(pd.Series(np.array([1.5, 2.0], dtype=np.float32))).tolist() == ["1.5", "2"]
+    assert category_strings(pd.Series(["a", None, "1.0"])).tolist() == ["a", MISSING, "1.0"]  # strings as given
