@@ -50,20 +50,31 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=128)
     p.add_argument("--speed-steps", default="32,128,1024")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"), help="auto: cuda when available")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
+    from core.engine.config import ConfigError, resolve_device
+
+    try:
+        dev = resolve_device(a.device)
+    except ConfigError:
+        p.error(f"--device {a.device!r}: CUDA is not available")
+
+    def gen() -> torch.Generator:  # every draw on the models' device, from the same seed
+        return torch.Generator(dev).manual_seed(a.seed)
+
     torch.manual_seed(a.seed)
-    ar, tok, info = load_run(a.ar, step=a.step)
+    ar, tok, info = load_run(a.ar, device=dev, step=a.step)
     val = validation_chunks(info, tok)
     idx = torch.linspace(0, len(val) - 1, min(a.val_chunks, len(val))).round().long()
     val = val[idx]
     L = val.shape[1]
     data_entropy = unigram_entropy(val, tok.vocab_size)
-    res: dict = {"step": a.step, "val_chunks": len(val), "seq_len": L, "vocab_size": tok.vocab_size,
+    res: dict = {"step": a.step, "device": str(dev), "val_chunks": len(val), "seq_len": L, "vocab_size": tok.vocab_size,
                  "parameters": sum(p.numel() for p in ar.parameters()), "data_unigram_entropy": data_entropy}
     t0 = time.perf_counter()
     res["ar"] = {"perplexity": ar_perplexity(ar, val)}
-    g = torch.Generator().manual_seed(a.seed)
+    g = gen()
     xs, _ = sample_ar(ar, a.num_samples, L, temperature=1.0, generator=g)
     res["ar"].update(gen_ppl=generative_perplexity(ar, xs), sample_entropy=unigram_entropy(xs, tok.vocab_size),
                      sample=tok.decode(xs[0].tolist()))
@@ -72,13 +83,13 @@ def main(argv: list[str] | None = None) -> dict:
         if run is None:
             continue
         t0 = time.perf_counter()
-        m, tk, inf = load_run(run, step=a.step)
+        m, tk, inf = load_run(run, device=dev, step=a.step)
         if inf["data"] != info["data"] or tk.spec() != tok.spec():
             raise ValueError(f"{run!r} was trained on other data or another tokenizer than {a.ar!r}")
-        b = diffusion_nll_bound(m, val, samples=a.bound_samples, generator=torch.Generator().manual_seed(a.seed))
+        b = diffusion_nll_bound(m, val, samples=a.bound_samples, generator=gen())
         r = {"perplexity_bound": math.exp(b["nll"]), "nll_bound": b["nll"], "nll_stderr": b["stderr"],
              "method": b["method"], "ratio_to_ar": math.exp(b["nll"]) / res["ar"]["perplexity"]}
-        xs, nfe = sample_diffusion(m, a.num_samples, L, a.steps, generator=torch.Generator().manual_seed(a.seed))
+        xs, nfe = sample_diffusion(m, a.num_samples, L, a.steps, generator=gen())
         r.update(gen_ppl=generative_perplexity(ar, xs), sample_entropy=unigram_entropy(xs, tok.vocab_size),
                  nfe=float(nfe.float().mean()), sample=tok.decode(xs[0].tolist()))
         r["entropy_rel_diff"] = abs(r["sample_entropy"] - data_entropy) / data_entropy
@@ -86,12 +97,12 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{kind}: bound {r['perplexity_bound']:.3f} gen_ppl {r['gen_ppl']:.2f} "
               f"({time.perf_counter() - t0:.0f}s)", flush=True)
     if a.difformer:
-        m, tk, inf = load_run(a.difformer)  # its final weights (it may have run for other steps)
+        m, tk, inf = load_run(a.difformer, device=dev)  # its final weights (it may have run for other steps)
         if inf["data"] != info["data"] or tk.spec() != tok.spec():
             raise ValueError(f"{a.difformer!r} was trained on other data or another tokenizer than {a.ar!r}")
-        xs, nfe = sample_diffusion(m, a.num_samples, L, a.steps, generator=torch.Generator().manual_seed(a.seed))
+        xs, nfe = sample_diffusion(m, a.num_samples, L, a.steps, generator=gen())
         ent = unigram_entropy(xs, tok.vocab_size)
-        b = difformer_nll_bound(m, val, samples=a.bound_samples, generator=torch.Generator().manual_seed(a.seed))
+        b = difformer_nll_bound(m, val, samples=a.bound_samples, generator=gen())
         res["difformer"] = {"perplexity_bound": math.exp(b["nll"]), "nll_bound": b["nll"], "nll_stderr": b["stderr"],
                             "nll_terms": {k: b[k] for k in ("recon", "prior", "diffusion")},
                             "ratio_to_ar": math.exp(b["nll"]) / res["ar"]["perplexity"],
@@ -106,9 +117,9 @@ def main(argv: list[str] | None = None) -> dict:
                           ("sedd", a.sedd, {})):
         if run is None or not steps_list:
             continue
-        m, _, _ = load_run(run, step=a.step)
+        m, _, _ = load_run(run, device=dev, step=a.step)
         speed[name] = sampling_speed(lambda s, g, m=m, kw=kw: sample_diffusion(m, n, L, s, generator=g, **kw),
-                                     steps_list, num=n)
+                                     steps_list, num=n, device=dev)
         print(name, [(r["steps"], round(r["samples_per_s"], 3)) for r in speed[name]], flush=True)
     res["speed"] = speed
     text = json.dumps(res, indent=1)

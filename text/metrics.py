@@ -194,19 +194,28 @@ def unigram_entropy(tokens: Tensor | Sequence[int], vocab_size: int) -> float:
 
 
 def sampling_speed(sample_fn: Callable[[int, torch.Generator], tuple[Tensor, Tensor]], steps_list: Sequence[int],
-                   num: int, repeats: int = 1, seed: int = 0) -> list[dict]:
+                   num: int, repeats: int = 1, seed: int = 0, device: str | torch.device = "cpu") -> list[dict]:
     """Samples/s and mean NFE for each number of steps. ``sample_fn(steps, generator) -> (samples, nfe)``.
 
     One untimed warm-up call, then the median of ``repeats`` timed calls producing ``num`` samples each.
+    The generators live on ``device`` (the model's); on CUDA each timed call ends with a synchronise.
     """
+    device = torch.device(device)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     out = []
-    sample_fn(steps_list[0], torch.Generator().manual_seed(seed))
+    sample_fn(steps_list[0], torch.Generator(device).manual_seed(seed))
     for steps in steps_list:
         times, nfes = [], []
         for r in range(repeats):
-            g = torch.Generator().manual_seed(seed + r)
+            g = torch.Generator(device).manual_seed(seed + r)
+            sync()
             start = time.perf_counter()
             _, nfe = sample_fn(steps, g)
+            sync()
             times.append(time.perf_counter() - start)
             nfes.append(float(torch.as_tensor(nfe).float().mean()))
         sec = sorted(times)[len(times) // 2]

@@ -596,8 +596,13 @@ class Trainer:
         if not math.isfinite(norm_v) and not self.scaler.is_enabled():
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLossError(self.step + 1, "gradient norm", norm_v, self.last_checkpoint)
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if scale is not None and self.scaler.get_scale() < scale:
+            # fp16: the scaler found inf/NaN gradients and skipped the optimiser step (then lowered
+            # its scale); the schedule and the EMA must not advance over a step that did not happen.
+            return values, keys, norm_v, lr
         self.scheduler.step()
         if self.ema is not None:
             self.ema.update(self.raw_model)
