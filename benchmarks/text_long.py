@@ -62,8 +62,12 @@ def train(a: argparse.Namespace, models: list[str], out: Path) -> dict:
         log = open(out / f"{k}.log", "w")
         procs[k] = subprocess.Popen(train_cmd(k, out / k, a), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
                                     start_new_session=True)
-    stopped = set()
+    stopped: set[str] = set()
+    ended: dict[str, float] = {}
     while any(p.poll() is None for p in procs.values()):
+        for k, p in procs.items():
+            if k not in ended and p.poll() is not None:
+                ended[k] = time.time() - t0
         if time.time() - t0 > a.train_seconds:
             for k, p in procs.items():
                 if p.poll() is None:
@@ -83,7 +87,8 @@ def train(a: argparse.Namespace, models: list[str], out: Path) -> dict:
         if v["returncode"] not in (0, None) and not v["stopped_by_clock"]:
             print(f"{k} failed (exit {v['returncode']}); its log:\n" + (out / f"{k}.log").read_text()[-4000:], flush=True)
         steps = v["checkpoints"]
-        v["steps_per_s"] = steps[-1] / wall if steps else 0.0
+        v["seconds"] = ended.get(k, wall)
+        v["steps_per_s"] = steps[-1] / v["seconds"] if steps else 0.0  # to the newest checkpoint
     print(f"trained {wall:.0f}s: " + ", ".join(f"{k} to step {max(v['checkpoints'], default=0)}" for k, v in info.items()),
           flush=True)
     return {"wall_s": wall, "runs": info}
