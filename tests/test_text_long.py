@@ -1,0 +1,48 @@
+"""benchmarks.text_long: side-by-side runs, evaluation at common checkpoints, the packed weights."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from benchmarks.text_long import main, pick, summarize
+
+TINY = ["--dim", "32", "--depth", "1", "--heads", "2", "--seq-len", "32", "--batch", "8", "--warmup", "2",
+        "--precision", "fp32", "--device", "cpu", "--eval-device", "cpu", "--eval-threads", "1", "--val-chunks", "8",
+        "--bound-samples", "2", "--num-samples", "2", "--sample-steps", "8", "--speed-steps", "8",
+        "--override", "data.val_fraction=0.05"]
+
+
+def test_pick_spreads_and_keeps_the_last():
+    assert pick([1, 2, 3], 5) == [1, 2, 3]
+    three = pick(list(range(1, 11)), 3)
+    assert three[0] == 1 and three[-1] == 10 and three[1] in (5, 6) and pick(list(range(1, 11)), 2) == [1, 10]
+
+
+def test_runs_evaluates_common_steps_and_packs(tmp_path):
+    out, pack = tmp_path / "runs", tmp_path / "pack"
+    s = main(["--out", str(out), "--models", "radd,ar", "--train-seconds", "300", "--steps", "12",
+              "--ckpt-every", "6", "--evals", "4", "--eval-parallel", "2", "--pack", str(pack), *TINY])
+    runs = s["train"]["runs"]
+    assert {k: (v["returncode"], v["stopped_by_clock"], v["checkpoints"]) for k, v in runs.items()} == {
+        "radd": (0, False, [6, 12]), "ar": (0, False, [6, 12])}
+    assert sorted(s["evals"]) == [6, 12]
+    for step, r in s["evals"].items():
+        on_disk = json.loads((out / f"eval_{step}.json").read_text())
+        assert on_disk["step"] == step and on_disk["radd"]["nll_bound"] == r["radd"]["nll_bound"]
+        assert r["radd"]["ratio_to_ar"] == pytest.approx(math.exp(r["radd"]["nll_bound"]) / r["ar"]["perplexity"])
+    assert s["evals"][12]["speed"] and not s["evals"][6]["speed"]  # sampling speed at the last step only
+    best, table = summarize(s["evals"], ["radd", "ar"])
+    assert best == s["best"] and "| 12 |" in table
+    # The pack holds the EMA weights of the last common step, in bf16, loadable without --step.
+    from core.engine.checkpoint import checkpoint_path, load_checkpoint
+    from text.sample import load_run
+
+    model, _, info = load_run(pack / "radd")
+    ema = next(iter(load_checkpoint(checkpoint_path(out / "radd" / "checkpoints", 12))["ema"]["shadows"].values()))
+    for name, p in model.state_dict().items():
+        assert torch.equal(p, ema[name].to(torch.bfloat16).float()), name
+    assert info["model"]["kind"] == "radd"
