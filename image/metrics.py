@@ -170,7 +170,8 @@ def torchmetrics_fid(real: Tensor, fake: Tensor, feature: nn.Module | str | Path
     ``feature``: an ``nn.Module`` taking uint8 RGB batches and returning ``(N, D)`` features; or a local
     file: a TorchScript extractor, else (when torch-fidelity is installed) torchmetrics' own
     ``inception-v3-compat`` network with ``feature_extractor_weights_path`` = that file (2048-d pool
-    features, the standard FID network). Gray images are repeated to 3 channels.
+    features, the standard FID network). Gray images are repeated to 3 channels. ``real`` and ``fake``
+    must have the same ``(C, H, W)`` (a ValueError names both shapes otherwise).
     """
     from torchmetrics.image.fid import FrechetInceptionDistance
 
@@ -178,6 +179,12 @@ def torchmetrics_fid(real: Tensor, fake: Tensor, feature: nn.Module | str | Path
         if not isinstance(x, Tensor) or x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] not in (1, 3):
             raise ValueError(f"{name} images must be uint8 (N, 1|3, H, W), got {getattr(x, 'dtype', type(x))} "
                              f"{tuple(getattr(x, 'shape', ()))}")
+    if real.shape[1:] != fake.shape[1:]:
+        # an extractor that pools would silently compare images of two sizes (or gray with colour), one of
+        # fixed input size fails deep inside torchmetrics: both sets must be at one (C, H, W)
+        raise ValueError(f"real and fake images must have the same (C, H, W), got real {tuple(real.shape)} and "
+                         f"fake {tuple(fake.shape)}: resize or pad one set (image.data.load_images(image_size=..., "
+                         "channels=...)) first")
     if isinstance(feature, (str, Path)):
         p = Path(feature)
         try:

@@ -309,3 +309,98 @@ def test_evaluate_cli_writes_metrics_beside_the_checkpoint(tmp_path, monkeypatch
     written = json.loads((tmp_path / "ckpt_00000010_metrics_euler_nfe5_cfg2.json").read_text())
     assert written["precision"] == 1.0 and written["sampler"] == "euler" and written == json.loads(json.dumps(result))
     assert "class_consistency" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- one classifier pass, clear errors
+
+
+def test_evaluate_samples_one_pass_equals_the_two_pass_computation():
+    """Features and predictions from one pass: every number equals the separate features + predict passes."""
+    from image.classifier import predict
+    from image.evaluate import _draw_like, classifier_features, evaluate_samples
+
+    train, test = load_images("digits", "train"), load_images("digits", "test")
+    torch.manual_seed(1)  # a tiny, randomly initialised classifier
+    clf = ImageClassifier(1, 10, widths=(4, 8))
+    for m in clf.modules():  # BatchNorm statistics of one batch, so that the random network predicts several classes
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = 1.0
+    with torch.no_grad():
+        clf(to_model_range(train.images[700:]))
+    clf.eval()
+    clf.meta = {"test_accuracy": None, "version": "test"}
+    images, labels = train.images[:700], train.labels[:700]  # two batches of 500 (the last one partial)
+    seen = []
+    hook = clf.stages[0].register_forward_hook(lambda m, i, o: seen.append(len(o)))
+    try:
+        m = evaluate_samples(images, labels, "digits", classifier=clf, seed=5)
+    finally:
+        hook.remove()
+    # each image enters the network once: the test split, the samples, the reference images
+    assert sum(seen) == len(test) + 2 * len(images)
+
+    # the direct two-pass computation (the classifier's own forward for the predictions)
+    test_feats, feats = classifier_features(clf, test.images), classifier_features(clf, images)
+    predicted = predict(clf, images)
+    assert len(predicted.unique()) > 1  # a non-trivial case: the random classifier does not predict one class
+    cc = class_consistency(predicted, labels, 10)
+    pr = precision_recall(test_feats, feats, k=3)
+    ref_feats = classifier_features(clf, train.images[_draw_like(train, labels, torch.Generator().manual_seed(5))])
+    ref_pr = precision_recall(test_feats, ref_feats, k=3)
+    expect = {"class_consistency": cc["class_consistency"], "class_consistency_per_class": cc["per_class"],
+              "frechet_distance": frechet_distance(feats, test_feats), "precision": pr["precision"],
+              "recall": pr["recall"], "reference_frechet_distance": frechet_distance(ref_feats, test_feats),
+              "reference_precision": ref_pr["precision"], "reference_recall": ref_pr["recall"]}
+    for key, value in expect.items():
+        assert m[key] == value, key  # bitwise: exact equality, no tolerance
+
+
+def test_draw_like_names_a_class_without_training_images():
+    from image.data import ImageSet
+    from image.evaluate import _draw_like
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (6, 1, 4, 4), generator=g, dtype=torch.uint8)
+    train = ImageSet(images, torch.tensor([0, 0, 2, 2, 2, 0]), ["cat", "dog", "fox", "owl"], name="toy")
+    idx = _draw_like(train, torch.tensor([2, 0, 2]), torch.Generator().manual_seed(0))
+    assert sorted(train.labels[idx].tolist()) == [0, 2, 2]  # the requested class counts
+    with pytest.raises(ValueError, match=r"class label\(s\) \[1, 3\] have no image in the toy training set") as e:
+        _draw_like(train, torch.tensor([0, 1, 3, 1]), torch.Generator().manual_seed(0))
+    assert "1 ('dog'), 3 ('owl')" in str(e.value) and "available [0 ('cat'), 2 ('fox')]" in str(e.value)
+
+
+def test_evaluate_samples_names_a_missing_class_before_any_network_pass(monkeypatch):
+    import image.evaluate as ev
+
+    def without_class_3(name, split="train", **kw):  # a training split that lacks class 3
+        data = load_images(name, split, **kw)
+        if split == "train":
+            keep = data.labels != 3
+            data.images, data.labels = data.images[keep], data.labels[keep]
+        return data
+
+    monkeypatch.setattr(ev, "load_images", without_class_3)
+    torch.manual_seed(0)
+    clf = ImageClassifier(1, 10, widths=(4,)).eval()
+    clf.meta = {}
+    test = load_images("digits", "test")
+    seen = []
+    clf.stages[0].register_forward_hook(lambda m, i, o: seen.append(len(o)))
+    with pytest.raises(ValueError, match=r"class label\(s\) \[3\] have no image in the digits training set"):
+        ev.evaluate_samples(test.images, test.labels, "digits", classifier=clf)
+    assert sum(seen) == len(test)  # only the test split's features: the samples were not run
+    m = ev.evaluate_samples(test.images[test.labels != 3], test.labels[test.labels != 3], "digits", classifier=clf)
+    assert m["reference_frechet_distance"] > 0
+
+
+def test_torchmetrics_fid_names_both_shapes_when_they_differ():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(0, 256, (8, 1, 8, 8), generator=g, dtype=torch.uint8)
+    ext = TinyExtractor()  # a substituted extractor: no Inception backbone is needed for the check
+    for other in (torch.randint(0, 256, (8, 1, 12, 12), generator=g, dtype=torch.uint8),
+                  torch.randint(0, 256, (8, 3, 8, 8), generator=g, dtype=torch.uint8)):
+        for real, fake in ((a, other), (other, a)):
+            with pytest.raises(ValueError, match="same") as e:
+                torchmetrics_fid(real, fake, ext)
+            assert f"real {tuple(real.shape)}" in str(e.value) and f"fake {tuple(fake.shape)}" in str(e.value)
+    assert torchmetrics_fid(a, a[:6], ext) >= 0  # equal (C, H, W), different counts: accepted
