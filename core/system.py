@@ -56,7 +56,9 @@ from torch import Tensor
 from .grids import validate_grid
 from .paths import GaussianPath, SubVPPath, VEPath, VPPath
 from .predictions import PREDICTIONS, convert, from_x0_eps
+from .samplers._common import coef as _coef
 from .samplers._common import gaussian_like
+from .samplers._common import time_vector as _tvec
 
 __all__ = [
     "NOISE_KINDS",
@@ -282,18 +284,6 @@ class GaussianSystem:
 
 def _t64(t, x: Tensor) -> Tensor:
     return torch.as_tensor(t, dtype=torch.float64, device=x.device)
-
-
-def _tvec(t, x: Tensor) -> Tensor:
-    """The model's time argument: a ``(B,)`` tensor in x's dtype."""
-    t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
-    return t.expand(x.shape[0]) if t.ndim == 0 else t
-
-
-def _coef(c, x: Tensor) -> Tensor:
-    """A float64 scalar or ``(B,)`` coefficient in x's dtype, shaped to broadcast against x."""
-    c = torch.as_tensor(c, dtype=torch.float64).to(dtype=x.dtype, device=x.device)
-    return c if c.ndim == 0 else c.reshape(c.shape + (1,) * (x.ndim - 1))
 
 
 def _check_models(models, system: GaussianSystem) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["check_callback", "evaluate", "gaussian_like"]
+__all__ = ["check_callback", "coef", "evaluate", "gaussian_like", "time_vector"]
 
 
 def check_callback(callback) -> None:
@@ -28,6 +28,18 @@ def evaluate(denoiser, x: Tensor, t_vec: Tensor, i: int, t: float, callback) -> 
     if callback is not None:
         callback(i, t, x, denoised)
     return denoised
+
+
+def time_vector(t, x: Tensor) -> Tensor:
+    """The model's time argument: ``t`` (a float, a 0-d or a ``(B,)`` tensor) as a ``(B,)`` tensor in x's dtype."""
+    t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+    return t.expand(x.shape[0]).contiguous() if t.ndim == 0 else t
+
+
+def coef(c, x: Tensor) -> Tensor:
+    """A float64 scalar or ``(B,)`` coefficient in x's dtype, shaped to broadcast against x."""
+    c = torch.as_tensor(c, dtype=torch.float64).to(dtype=x.dtype, device=x.device)
+    return c if c.ndim == 0 else c.reshape(c.shape + (1,) * (x.ndim - 1))
 
 
 def gaussian_like(x: Tensor, generator: torch.Generator | None) -> Tensor:

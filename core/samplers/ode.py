@@ -43,7 +43,7 @@ from torch import Tensor
 
 from ..grids import validate_grid
 from ..paths import GaussianPath
-from ._common import check_callback, evaluate, gaussian_like
+from ._common import check_callback, evaluate, gaussian_like, time_vector
 from .registry import register
 
 __all__ = [
@@ -76,13 +76,8 @@ def _coefficients(path: GaussianPath, t: float) -> tuple[float, float, float, fl
     return float(path.alpha(tt)), float(path.sigma(tt)), float(path.d_alpha(tt)), float(path.d_sigma(tt))
 
 
-def _times(x: Tensor, t: float) -> Tensor:
-    """The denoiser's time argument: ``t`` as a ``(B,)`` tensor in x's dtype."""
-    return torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device)
-
-
 def _denoise(denoiser, x: Tensor, t: float) -> Tensor:
-    return denoiser(x, _times(x, t))
+    return denoiser(x, time_vector(t, x))
 
 
 def _velocity(path: GaussianPath, x: Tensor, denoised: Tensor, t: float) -> Tensor:
@@ -107,7 +102,7 @@ def sample_euler(denoiser, path: GaussianPath, x: Tensor, grid, *, generator=Non
     nfe = 0
     for i in range(sch.steps):
         t, t_next = sch.t[i], sch.t[i + 1]
-        denoised = evaluate(denoiser, x, _times(x, t), i, t, callback)
+        denoised = evaluate(denoiser, x, time_vector(t, x), i, t, callback)
         nfe += 1
         if sch.sigma[i + 1] == 0.0:
             x = sch.alpha[i + 1] * denoised
@@ -166,7 +161,7 @@ def sample_heun(
                 z = gaussian_like(x, generator)
                 x = scale * x + (std * s_noise) * z
                 t = t_hat
-        denoised = evaluate(denoiser, x, _times(x, t), i, t, callback)
+        denoised = evaluate(denoiser, x, time_vector(t, x), i, t, callback)
         nfe += 1
         if sch.sigma[i + 1] == 0.0:
             x = sch.alpha[i + 1] * denoised
@@ -209,7 +204,7 @@ def sample_ddim(
     sch = _Schedule(path, grid)
     nfe = 0
     for i in range(sch.steps):
-        denoised = evaluate(denoiser, x, _times(x, sch.t[i]), i, sch.t[i], callback)
+        denoised = evaluate(denoiser, x, time_vector(sch.t[i], x), i, sch.t[i], callback)
         nfe += 1
         s_s, a_s = sch.sigma[i + 1], sch.alpha[i + 1]
         h = sch.lam[i + 1] - sch.lam[i]
@@ -265,7 +260,7 @@ def _multistep_dpmpp(denoiser, path, x, grid, order, callback, d2_scale=2.0):
     nfe = 0
     for i in range(sch.steps):
         lam_t, lam_s = sch.lam[i], sch.lam[i + 1]
-        denoised = evaluate(denoiser, x, _times(x, sch.t[i]), i, sch.t[i], callback)
+        denoised = evaluate(denoiser, x, time_vector(sch.t[i], x), i, sch.t[i], callback)
         nfe += 1
         h = lam_s - lam_t
         a_s = sch.alpha[i + 1]

@@ -45,6 +45,8 @@ from torch import Tensor
 
 from ..paths import GaussianPath
 from ._common import check_callback, evaluate, gaussian_like
+from ._common import coef as _coef
+from ._common import time_vector as _tvec
 from .registry import register, resolve_grid
 
 __all__ = ["W_FORMS", "diffusion_fn", "euler_maruyama", "ancestral", "pc", "adaptive_sde"]
@@ -116,18 +118,6 @@ def _w_at(wf, t: Tensor) -> Tensor:
             "(w='g2' is infinite where alpha(t) = 0: start the grid below t = 1, e.g. a karras grid)"
         )
     return w
-
-
-def _tvec(t: Tensor, x: Tensor) -> Tensor:
-    """The denoiser's time argument: a ``(B,)`` tensor in x's dtype."""
-    t = t.to(dtype=x.dtype, device=x.device)
-    return t.expand(x.shape[0]) if t.ndim == 0 else t
-
-
-def _coef(c: Tensor, x: Tensor) -> Tensor:
-    """A float64 scalar or ``(B,)`` coefficient cast to x's dtype, shaped to broadcast against x."""
-    c = c.to(dtype=x.dtype, device=x.device)
-    return c if c.ndim == 0 else c.reshape(c.shape + (1,) * (x.ndim - 1))
 
 
 def _sde_drift(path: GaussianPath, x: Tensor, denoised: Tensor, t: Tensor, w: Tensor) -> Tensor:
