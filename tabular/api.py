@@ -33,7 +33,7 @@ from core.engine.ema import EMA
 
 from .data import TableEncoder
 from .model import CDTD, CDTDConfig
-from .schema import MISSING, Schema, infer_schema
+from .schema import MISSING, Schema, TabularInputError, infer_schema
 
 FORMAT_VERSION = 1
 
@@ -108,7 +108,7 @@ class TabularDiffusion:
         """Infer/check the schema, encode, and train. Returns ``self``."""
         schema = infer_schema(df, categorical, numerical, constant=constant)
         if not schema.numerical and not schema.categorical:
-            raise ValueError("every column is constant: there is nothing to model")
+            raise TabularInputError("every column is constant: there is nothing to model")
         encoder = TableEncoder.fit(df, schema)
         x_num, x_cat = encoder.encode(df)
         observed = np.stack([pd.to_numeric(df[c.name]).notna().to_numpy() for c in schema.numerical], 1) \

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 from scipy.special import ndtr, ndtri
 
-from .schema import MISSING, Column, Schema, category_strings, constant_series, restore_categories
+from .schema import MISSING, Column, Schema, TabularInputError, category_strings, constant_series, restore_categories
 
 ADULT_COLUMNS = ["age", "workclass", "fnlwgt", "education", "education_num", "marital_status", "occupation",
                  "relationship", "race", "sex", "capital_gain", "capital_loss", "hours_per_week",
@@ -105,13 +105,18 @@ def load_diamonds() -> pd.DataFrame:
 
 
 def load_csv(path: str | Path, na_values=("?", "", "NA", "NaN", "nan", "null")) -> pd.DataFrame:
-    """A user's CSV; common missing-value markers become NaN."""
+    """A user's CSV; common missing-value markers become NaN. An unreadable or empty file raises
+    :class:`~tabular.schema.TabularInputError` naming it."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"CSV file {str(path)!r} does not exist")
-    df = pd.read_csv(path, na_values=list(na_values), keep_default_na=True, skipinitialspace=True)
+        raise TabularInputError(f"CSV file {str(path)!r} does not exist")
+    try:
+        df = pd.read_csv(path, na_values=list(na_values), keep_default_na=True, skipinitialspace=True)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        # the file's own fault (ragged rows, no header, not text): bad input, named as such
+        raise TabularInputError(f"CSV file {str(path)!r} cannot be read: {e}") from e
     if df.empty:
-        raise ValueError(f"CSV file {str(path)!r} has no rows")
+        raise TabularInputError(f"CSV file {str(path)!r} has no rows")
     return df
 
 
@@ -211,10 +216,10 @@ class TableEncoder:
         x = pd.to_numeric(df[col.name], errors="coerce").to_numpy(np.float64)
         bad = np.isnan(x) & df[col.name].notna().to_numpy()
         if bad.any():
-            raise ValueError(f"column {col.name!r}: value {df[col.name][bad].iloc[0]!r} is not a number")
+            raise TabularInputError(f"column {col.name!r}: value {df[col.name][bad].iloc[0]!r} is not a number")
         miss = np.isnan(x)
         if miss.any() and not col.has_missing:
-            raise ValueError(f"column {col.name!r} has missing values but had none when the model was fitted")
+            raise TabularInputError(f"column {col.name!r} has missing values but had none when the model was fitted")
         z = self.transforms[col.name].forward(np.where(miss, 0.0, x))
         return np.where(miss, 0.0, z), miss
 
@@ -225,8 +230,8 @@ class TableEncoder:
         if codes.isna().any():
             bad = strings[codes.isna()].iloc[0]
             what = "missing values" if bad == MISSING else f"category {bad!r}"
-            raise ValueError(f"column {col.name!r}: {what} not seen when the model was fitted "
-                             f"(known: {col.categories[:10]}{'...' if len(col.categories) > 10 else ''})")
+            raise TabularInputError(f"column {col.name!r}: {what} not seen when the model was fitted "
+                                    f"(known: {col.categories[:10]}{'...' if len(col.categories) > 10 else ''})")
         return codes.to_numpy(np.int64)
 
     def encode(self, df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:

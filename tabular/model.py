@@ -260,6 +260,22 @@ class MLPDenoiser(nn.Module):
         return self.out(h)
 
 
+def _unused_as_buffers(module: nn.Module, *names: str) -> None:
+    """Turn parameters ``names`` of ``module`` (default: all, recursively) that the forward pass never uses
+    into buffers of the same names.
+
+    A parameter without a gradient makes DDP fail unless it is wrapped with ``find_unused_parameters=True``
+    (the core Trainer does not set it). As buffers they keep their names in the state dict, so that
+    files saved while they were parameters load, and files saved now load in code where they are
+    parameters; the optimiser never saw a gradient of them, so training is unchanged.
+    """
+    for full in names or [n for n, _ in module.named_parameters()]:
+        owner_name, _, name = full.rpartition(".")
+        owner = module.get_submodule(owner_name) if owner_name else module
+        p = owner._parameters.pop(name)
+        owner.register_buffer(name, p.detach())
+
+
 class NLinear(nn.Module):
     """One linear map per feature: (B, N, i) -> (B, N, o)."""
 
@@ -289,6 +305,16 @@ class TransformerDenoiser(nn.Module):
         self.cat_in = NLinear(max(len(self.cards), 1), emb_dim, D)
         self.col_embed = nn.Parameter(torch.randn(n_feat, D) * 0.02)
         self.known_embed = nn.Parameter(torch.randn(n_feat, D) * 0.02)  # added to tokens given clean
+        # Unused pieces (see _unused_as_buffers): the known-feature embedding of a model trained without
+        # known features (cond_prob = 0: no feature is flagged known in training, and sampling conditions
+        # by replacement, CDTD.make_denoiser passing no flags), the input map of an absent feature type.
+        # Created all the same, so that the layers after them draw the same initial random numbers.
+        if cfg.cond_prob == 0:
+            _unused_as_buffers(self, "known_embed")
+        if not n_num:
+            _unused_as_buffers(self.num_in)
+        if not self.cards:
+            _unused_as_buffers(self.cat_in)
         self.core = TokenTransformer(TransformerConfig(dim=D, depth=cfg.depth, num_heads=cfg.num_heads,
                                                        frequency_dim=128, mlp_ratio=2.0))
         self.norm = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
@@ -360,6 +386,8 @@ class CDTD(nn.Module):
             self.net = MLPDenoiser(n_num, self.n_cat, d, out_dim, cfg.hidden, cfg.mlp_layers, cfg.cond_prob > 0)
         else:
             self.net = TransformerDenoiser(n_num, self.cards, d, cfg)
+            if not self.n_cat:  # the transformer has no categorical token to embed: cat_emb is unused
+                _unused_as_buffers(self.cat_emb)
         if proportions is None:
             proportions = [torch.full((k,), 1.0 / k) for k in self.cards]
         logp = [p.clamp_min(1e-8).log() for p in proportions]
@@ -414,7 +442,8 @@ class CDTD(nn.Module):
         """CDTD training loss of a batch: x_num (B, n_num) float, x_cat (B, n_cat) int64.
 
         ``num_observed`` (B, n_num) bool: False where a numerical value is missing (its score is a
-        placeholder; its error is not counted). Returns (loss, stats).
+        placeholder; its error is not counted). Returns (loss, stats): the loss to minimise and the logged
+        means of the unweighted errors over the noised features (:meth:`_loss_stats`).
         """
         B = x_num.shape[0]
         dev = x_num.device
@@ -451,12 +480,38 @@ class CDTD(nn.Module):
         warp = (warp * fw[:, None]).sum() / (fw.sum() * warp.shape[1]).clamp_min(1.0)
         log_w = self.weight_net(torch.log(u + 1e-8) * 0.25)
         weight_loss = ((log_w.exp() - weighted.detach().mean(1)) ** 2 * fw).sum() / fw.sum().clamp_min(1.0)
+        # Known entries are zeros here; the mean over all B x F entries gives every noised feature the same
+        # weight 1 / (B F) whatever else is known in its batch (dividing by the number of noised entries
+        # instead would make that weight depend on the batch's draw of known features).
         main = (weighted / log_w.exp().detach()[:, None]).mean()
         total = main + warp + weight_loss
         with torch.no_grad():
-            stats = {"loss": float(unweighted.mean()), "ce": float(ce.mean()) if ce.numel() else 0.0,
-                     "mse": float(mse.mean()) if mse.numel() else 0.0}
+            stats = self._loss_stats(ce, mse, known)
         return total, stats
+
+    @staticmethod
+    def _loss_stats(ce: torch.Tensor, mse: torch.Tensor, known: torch.Tensor | None) -> dict:
+        """Logged means of the unweighted per-feature losses, cross-entropies ``ce`` (B, n_cat) and
+        squared errors ``mse`` (B, n_num), over the noised features only.
+
+        A known feature is an input given clean, not a target: its error carries no learning signal
+        (zero weight in the loss) and is not logged, so that the logged loss of a model trained with
+        ``cond_prob > 0`` is comparable with one trained without (the same per-feature mean, over a
+        different number of entries). A missing numerical value counts as 0, as in the loss.
+        ``ce``/``mse``: the categorical and numerical parts; 0.0 where a batch has no such entry.
+        """
+        unweighted = torch.cat([ce, mse], 1)
+        if known is None:
+            keep = keep_cat = keep_num = None
+        else:
+            keep = ~known
+            keep_cat, keep_num = keep[:, : ce.shape[1]], keep[:, ce.shape[1]:]
+
+        def mean(x: torch.Tensor, keep: torch.Tensor | None) -> float:
+            x = x if keep is None else x[keep]
+            return float(x.mean()) if x.numel() else 0.0
+
+        return {"loss": mean(unweighted, keep), "ce": mean(ce, keep_cat), "mse": mean(mse, keep_num)}
 
     @torch.no_grad()
     def denoising_error(self, x_num, x_cat, sigma: float, num_observed=None, generator=None) -> float:

@@ -3,7 +3,8 @@
 A :class:`Schema` is what a fitted model remembers about the user's DataFrame (column order,
 types, categories, integer columns, where values may be missing) and is saved as JSON next to
 the weights. :func:`infer_schema` is the boundary where a user's table is checked: every
-problem raises ``ValueError`` naming the column (and the offending value where there is one).
+problem raises :class:`TabularInputError` (a ``ValueError``) naming the column (and the offending
+value where there is one).
 
 Missing values are never dropped: a missing category becomes its own category ``MISSING``
 (CDTD treats categories as unordered tokens, so this is exact), and a numerical column with
@@ -23,6 +24,17 @@ import pandas as pd
 
 MISSING = "<missing>"  # the category that stands for a missing categorical value
 KINDS = ("numerical", "categorical", "constant")
+
+
+class TabularInputError(ValueError):
+    """A user's table, CSV file or column declaration is unusable; the message names the column or value.
+
+    Raised only where user input is checked (:func:`infer_schema`, :meth:`Schema.check_frame`,
+    :class:`tabular.data.TableEncoder`, :func:`tabular.data.load_csv`), so that an entry point can
+    report it as bad input (``python -m tabular.train`` exits with code 2 and one line) while any
+    other ``ValueError``, a bug included, keeps its traceback. A ``ValueError``, so callers that catch
+    ``ValueError`` are unaffected.
+    """
 
 
 @dataclass
@@ -82,28 +94,28 @@ class Schema:
         return cls([Column(**c) for c in data["columns"]])
 
     def check_frame(self, df: pd.DataFrame, *, allow_subset: bool = False) -> None:
-        """Raise ``ValueError`` naming the first column of ``df`` that this schema does not know or lacks."""
+        """Raise :class:`TabularInputError` naming the first column of ``df`` that this schema does not know or lacks."""
         if not isinstance(df, pd.DataFrame):
             raise TypeError(f"expected a pandas DataFrame, got {type(df).__name__}")
         unknown = [c for c in df.columns if c not in self.names]
         if unknown:
-            raise ValueError(f"column {unknown[0]!r} is not in the fitted schema; columns are {self.names}")
+            raise TabularInputError(f"column {unknown[0]!r} is not in the fitted schema; columns are {self.names}")
         if not allow_subset:
             missing = [c for c in self.names if c not in df.columns]
             if missing:
-                raise ValueError(f"column {missing[0]!r} of the fitted schema is missing from the DataFrame")
+                raise TabularInputError(f"column {missing[0]!r} of the fitted schema is missing from the DataFrame")
 
 
 def _parse_numeric(name: str, s: pd.Series) -> pd.Series:
-    """``s`` as float64; NaN stays NaN, an unparseable entry raises ``ValueError`` naming it."""
+    """``s`` as float64; NaN stays NaN, an unparseable entry raises :class:`TabularInputError` naming it."""
     if pd.api.types.is_bool_dtype(s):
-        raise ValueError(f"column {name!r} holds booleans; declare it categorical")
+        raise TabularInputError(f"column {name!r} holds booleans; declare it categorical")
     out = pd.to_numeric(s, errors="coerce").astype("float64")
     bad = out.isna() & s.notna()
     if bad.any():
-        raise ValueError(f"column {name!r}: value {s[bad].iloc[0]!r} (row {s.index[bad][0]!r}) is not a number")
+        raise TabularInputError(f"column {name!r}: value {s[bad].iloc[0]!r} (row {s.index[bad][0]!r}) is not a number")
     if np.isinf(out.to_numpy()).any():
-        raise ValueError(f"column {name!r} holds an infinite value; replace it with a number or NaN")
+        raise TabularInputError(f"column {name!r} holds an infinite value; replace it with a number or NaN")
     return out
 
 
@@ -164,15 +176,15 @@ def infer_schema(
     if not isinstance(df, pd.DataFrame):
         raise TypeError(f"expected a pandas DataFrame, got {type(df).__name__}")
     if df.shape[1] == 0:
-        raise ValueError("the DataFrame has no columns")
+        raise TabularInputError("the DataFrame has no columns")
     if len(df) < 2:
-        raise ValueError(f"the DataFrame has {len(df)} rows; at least 2 are needed")
+        raise TabularInputError(f"the DataFrame has {len(df)} rows; at least 2 are needed")
     if constant not in ("keep", "error"):
         raise ValueError(f"constant must be 'keep' or 'error', got {constant!r}")
     names = [str(c) for c in df.columns]
     dup = [n for n in names if names.count(n) > 1]
     if dup:
-        raise ValueError(f"column name {dup[0]!r} occurs more than once")
+        raise TabularInputError(f"column name {dup[0]!r} occurs more than once")
     if any(not isinstance(c, str) for c in df.columns):
         bad = next(c for c in df.columns if not isinstance(c, str))
         raise TypeError(f"column names must be strings, got {bad!r}")
@@ -181,16 +193,16 @@ def infer_schema(
     for group, label in ((categorical, "categorical"), (numerical, "numerical")):
         for c in group:
             if c not in df.columns:
-                raise ValueError(f"{label} column {c!r} is not in the DataFrame; columns are {names}")
+                raise TabularInputError(f"{label} column {c!r} is not in the DataFrame; columns are {names}")
     both = set(categorical) & set(numerical)
     if both:
-        raise ValueError(f"column {sorted(both)[0]!r} is declared both categorical and numerical")
+        raise TabularInputError(f"column {sorted(both)[0]!r} is declared both categorical and numerical")
 
     cols = []
     for name in df.columns:
         s = df[name]
         if s.isna().all():
-            raise ValueError(f"column {name!r} is entirely missing; drop it or fill it")
+            raise TabularInputError(f"column {name!r} is entirely missing; drop it or fill it")
         if name in categorical:
             kind = "categorical"
         elif name in numerical:
@@ -198,7 +210,7 @@ def infer_schema(
         elif pd.api.types.is_bool_dtype(s) or not pd.api.types.is_numeric_dtype(s):
             numeric_like, bad = _looks_numeric(s) if s.dtype == object else (False, None)
             if numeric_like:
-                raise ValueError(f"column {name!r}: value {bad!r} is not a number although the column "
+                raise TabularInputError(f"column {name!r}: value {bad!r} is not a number although the column "
                                  f"otherwise holds numbers; fix it, or declare the column categorical")
             kind = "categorical"
         else:
@@ -207,7 +219,7 @@ def infer_schema(
         n_distinct = s.nunique(dropna=False)
         if n_distinct == 1:
             if constant == "error":
-                raise ValueError(f"column {name!r} is constant (every value is {s.iloc[0]!r}); drop it")
+                raise TabularInputError(f"column {name!r} is constant (every value is {s.iloc[0]!r}); drop it")
             warnings.warn(f"column {name!r} is constant ({s.iloc[0]!r}): it is reproduced, not modelled",
                           stacklevel=2)
             v = s.iloc[0]
@@ -229,7 +241,7 @@ def infer_schema(
         strings = category_strings(s)
         cats = sorted(strings.unique().tolist())
         if len(cats) > max_categories:
-            raise ValueError(f"column {name!r} has {len(cats)} distinct values (> max_categories={max_categories}); "
+            raise TabularInputError(f"column {name!r} has {len(cats)} distinct values (> max_categories={max_categories}); "
                              f"an identifier or free text cannot be modelled as a category")
         cols.append(Column(name, "categorical", has_missing=MISSING in cats, categories=cats,
                            dtype=_category_dtype(s)))

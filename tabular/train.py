@@ -36,6 +36,7 @@ from .baseline import GaussianCopula
 from .data import DATASETS, load_csv, load_dataset, split_frame
 from .metrics import fidelity_report, plot_report
 from .model import CDTDConfig
+from .schema import TabularInputError
 
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "tabular"
 
@@ -113,7 +114,7 @@ def load_tables(cfg: TabularDataConfig) -> tuple[pd.DataFrame, pd.DataFrame, str
         train, test = split_frame(load_csv(cfg.path), cfg.test_fraction, cfg.split_seed)
         target, task, cats = cfg.target, cfg.task, (list(cfg.categorical) or None)
         if target is not None and target not in train.columns:
-            raise ValueError(f"data.target {target!r} is not a column of {cfg.path}")
+            raise TabularInputError(f"data.target {target!r} is not a column of {cfg.path}")
     else:
         train, test, spec = load_dataset(cfg.name, cfg.split_seed)
         target, task, cats = spec.target, spec.task, list(spec.categorical)
@@ -181,8 +182,10 @@ def train(cfg: DictConfig) -> dict:
     return report
 
 
-# ValueErrors from the data (a bad CSV column or value) exit like a bad config: code 2, one line.
-main = hydra_entry(train, REPO_CONFIGS, input_errors=(ValueError,))
+# Bad user data (an unreadable CSV, a bad column or value: TabularInputError, raised where the table is
+# checked) exits like a bad config, code 2 and one line naming it; any other ValueError is a bug and
+# keeps its traceback.
+main = hydra_entry(train, REPO_CONFIGS, input_errors=(TabularInputError,))
 
 if __name__ == "__main__":
     main()
