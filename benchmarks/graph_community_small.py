@@ -9,7 +9,7 @@ sampling seed says little. This script repeats the protocol over ``K = --seeds``
 seeds ``s = seed_start .. seed_start + K - 1`` and reports the spread:
 
 - models: the run's raw weights (GDSS's community-small sampler uses the raw ones), the run's EMA weights,
-  and the official GDSS checkpoint (``--official``, read with :func:`graph.model.load_gdss_checkpoint`),
+  and the official GDSS checkpoint (``--official``, read with :func:`graph.official.official_model`),
   all through the run's sampler settings (PC, the run's steps, snr, scale_eps);
 - chunk ``s`` of a model is exactly what ``python -m graph.sample --run RUN --seed s`` evaluates: a
   generator seeded with ``s`` draws the node counts and runs the solver (:func:`graph.train.sample_graphs`,
@@ -45,15 +45,14 @@ import torch
 from tqdm import tqdm
 
 from core.engine.checkpoint import atomic_write
-from core.engine.config import to_schema
 from graph.data import dense_to_networkx
 from graph.metrics import evaluate_graphs
+from graph.official import official_model  # re-exported: it lived here before graph.official
 from graph.sample import load_run
 from graph.train import (
     MOLECULE_DATASETS,
     GDSSModel,
     GraphData,
-    GraphModelConfig,
     GraphSamplerConfig,
     load_data,
     sample_graphs,
@@ -80,34 +79,6 @@ STAT_NAMES = {"degree": "degree", "cluster": "clustering", "orbit": "orbit"}
 MODELS = ("raw", "ema", "official", "perfect")
 LABELS = {"raw": "polydiff, raw weights", "ema": "polydiff, EMA weights", "official": "official GDSS checkpoint",
           "perfect": "perfect generator (20 training graphs)"}
-
-
-def official_model(path: str | Path, max_node_num: int, max_feat_num: int) -> GDSSModel:
-    """The official GDSS checkpoint as a :class:`graph.train.GDSSModel`: its architecture and SDEs from the
-    checkpoint's own config, its raw weights loaded ``strict=True``. Raises ``ValueError`` when the checkpoint
-    was trained for other graph sizes than the run's data."""
-    from graph.model import load_gdss_checkpoint
-
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"--official {str(path)!r} does not exist")
-    ckpt = load_gdss_checkpoint(path)
-    cfg = ckpt["config"]
-    if not {"model", "sde", "data"} <= set(cfg):
-        raise ValueError(f"{path} holds no GDSS model_config with 'model', 'sde' and 'data' sections")
-    sizes = (cfg["data"].get("max_node_num"), cfg["data"].get("max_feat_num"))
-    if sizes != (max_node_num, max_feat_num):
-        raise ValueError(f"{path} was trained with max_node_num / max_feat_num = {sizes}, the run's data has "
-                         f"{(max_node_num, max_feat_num)}")
-    train = cfg.get("train", {})
-    node = {**cfg["model"], "sde_x": cfg["sde"]["x"], "sde_adj": cfg["sde"]["adj"]}
-    node.update({k: train[k] for k in ("eps", "reduce_mean") if k in train})
-    model_cfg = to_schema(node, GraphModelConfig, "official model")
-    model_cfg.validate()
-    model = GDSSModel(model_cfg, max_node_num, max_feat_num)
-    model.model_x.load_state_dict(ckpt["model_x"].state_dict(), strict=True)
-    model.model_adj.load_state_dict(ckpt["model_adj"].state_dict(), strict=True)
-    return model.eval()
 
 
 def sample_chunks(model: GDSSModel, data: GraphData, sampler: GraphSamplerConfig, steps: int, seeds: list[int],

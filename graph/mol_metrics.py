@@ -56,6 +56,7 @@ __all__ = [
     "fcd_stats",
     "fcd",
     "evaluate_molecules",
+    "stats_cache",
 ]
 
 _M64 = (1 << 64) - 1
@@ -315,16 +316,27 @@ def evaluate_molecules(
 _TEST_STATS: dict = {}
 # Test-set statistics (NSPDK mean embedding, ChemNet mean/covariance) take minutes for QM9's 13k test
 # molecules on a CPU, so they are kept on disk, named by a hash of the test SMILES.
-STATS_CACHE = Path(os.environ.get("POLYDIFF_MOL_CACHE", "outputs/cache/molecules"))
+DEFAULT_CACHE = "outputs/cache/molecules"
+# Set to a folder to override $POLYDIFF_MOL_CACHE for this process (tests point it at a temporary folder).
+STATS_CACHE: Path | None = None
+
+
+def stats_cache() -> Path:
+    """The folder of the cached test-set statistics (and the CLI's default ``--cache``): :data:`STATS_CACHE`
+    when set, else ``$POLYDIFF_MOL_CACHE``, else ``outputs/cache/molecules``; read at each call, so the
+    environment variable takes effect whenever it is set, not only before the import."""
+    if STATS_CACHE is not None:
+        return Path(STATS_CACHE)
+    return Path(os.environ.get("POLYDIFF_MOL_CACHE") or DEFAULT_CACHE)
 
 
 def _cached(test_smiles: Sequence[str], kind: str, cache: Path | None = None):
     """``kind`` = ``"nspdk"`` (mean embedding) or ``"fcd"`` (ChemNet statistics) of a test set, computed once
-    per process and kept as ``mol_test_<kind>_<hash>.pt`` under ``cache`` (default :data:`STATS_CACHE`)."""
+    per process and kept as ``mol_test_<kind>_<hash>.pt`` under ``cache`` (default :func:`stats_cache`)."""
     digest = hashlib.sha1("\n".join(test_smiles).encode()).hexdigest()
     if (kind, digest) in _TEST_STATS:
         return _TEST_STATS[(kind, digest)]
-    path = Path(cache or STATS_CACHE) / f"mol_test_{kind}_{digest[:16]}.pt"
+    path = Path(cache or stats_cache()) / f"mol_test_{kind}_{digest[:16]}.pt"
     if path.is_file():
         saved = {k: v.numpy() for k, v in torch.load(path, weights_only=True).items()}
     else:
@@ -357,10 +369,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--scale-eps", type=float, default=0.7)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--split-file", default=None, help="GDSS/MoFlow valid_idx_qm9.json (else a seeded split)")
-    p.add_argument("--cache", default="outputs/cache/molecules")
+    p.add_argument("--cache", default=None,
+                   help="folder of the encoded data and the test-set statistics (default: $POLYDIFF_MOL_CACHE, "
+                        f"else {DEFAULT_CACHE})")
     p.add_argument("--out", default="outputs/graph/qm9_pretrained")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
+    if args.cache is None:  # resolved now, not when the module was imported: the environment may change
+        args.cache = str(stats_cache())
     if args.n < 1 or args.batch < 1:
         raise SystemExit(f"--n and --batch must be positive, got {args.n}, {args.batch}")
     torch.set_num_threads(args.threads)
