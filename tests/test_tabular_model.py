@@ -253,3 +253,175 @@ def test_secant_ratio_makes_euler_the_per_feature_euler_step_in_sigma():
         s = m.timewarp.sigma(torch.tensor([m.u_of_t(t), m.u_of_t(t_next)], dtype=torch.float64))
         s_now, s_next = (m._expand(v).float() for v in s)
         torch.testing.assert_close(euler, x + (s_next - s_now) * (x - D) / s_now, rtol=1e-4, atol=1e-4)
+
+
+# -- parameters without gradient, and the logged loss ------------------------------------------------
+
+
+def _batch(n_num, cards, n=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x_num = torch.randn(n, n_num, generator=g)
+    x_cat = (torch.stack([torch.randint(0, k, (n,), generator=g) for k in cards], 1) if cards
+             else torch.zeros(n, 0, dtype=torch.long))
+    return x_num, x_cat
+
+
+SMALL_NET = dict(token_dim=16, depth=1, num_heads=2, hidden=32, mlp_layers=1, emb_dim=4)
+
+
+@pytest.mark.parametrize("denoiser", ["mlp", "transformer"])
+@pytest.mark.parametrize("cond_prob", [0.0, 0.25])
+@pytest.mark.parametrize("table", [(3, [2, 4]), (3, []), (0, [3, 2])], ids=["mixed", "numerical", "categorical"])
+def test_every_parameter_gets_a_gradient(denoiser, cond_prob, table):
+    """DDP without ``find_unused_parameters``: one backward of the loss reaches every parameter."""
+    n_num, cards = table
+    torch.manual_seed(0)
+    m = CDTD(n_num, cards, CDTDConfig(denoiser=denoiser, cond_prob=cond_prob, **SMALL_NET))
+    x_num, x_cat = _batch(n_num, cards)
+    loss, _ = m.loss(x_num, x_cat, generator=torch.Generator().manual_seed(1))
+    loss.backward()
+    assert [n for n, p in m.named_parameters() if p.grad is None] == []
+
+
+def _old_layout(model: CDTD) -> CDTD:
+    """A copy of ``model`` laid out as before: the unused buffers (known_embed at cond_prob = 0, the input
+    maps of an absent feature type) were parameters."""
+    import copy
+
+    old = copy.deepcopy(model)
+    params = {n for n, _ in model.named_parameters()}
+    for name in [n for n, b in model.named_buffers() if b.is_floating_point() and n.startswith(("net.", "cat_emb."))
+                 and n.rsplit(".", 1)[-1] in ("known_embed", "weight", "bias")]:
+        owner, _, leaf = name.rpartition(".")
+        mod = old.get_submodule(owner)
+        t = mod._buffers.pop(leaf)
+        mod.register_parameter(leaf, torch.nn.Parameter(t))
+        assert name not in params
+    return old
+
+
+def test_cond_prob_0_transformer_is_the_model_it_was():
+    """known_embed of a cond_prob = 0 transformer is a buffer now: against the old layout (a parameter,
+    constructed explicitly) the state dict, the training steps, conditional sampling and imputation are
+    bitwise the same, files load both ways, and the old layout shows the parameter that got no gradient."""
+    rng = np.random.default_rng(0)
+    n = 200
+    df = pd.DataFrame({"x": rng.normal(size=n), "c": rng.choice(list("abc"), n), "d": rng.choice(["u", "v"], n)})
+    df["z"] = df["x"] + 0.3 * rng.normal(size=n)
+    torch.manual_seed(0)
+    m = TabularDiffusion(denoiser="transformer", cond_prob=0.0, steps=10, warmup_steps=2, batch_size=64,
+                         progress=False, sample_steps=4, **{k: v for k, v in SMALL_NET.items() if k not in
+                                                          ("hidden", "mlp_layers")}).fit(df)
+    new = m.model
+    assert "net.known_embed" in dict(new.named_buffers())
+    old = _old_layout(new)
+    assert "net.known_embed" in dict(old.named_parameters())
+    # the same state dict, loadable strictly both ways
+    s_new, s_old = new.state_dict(), old.state_dict()
+    assert s_new.keys() == s_old.keys() and all(torch.equal(s_new[k], s_old[k]) for k in s_new)
+    old.load_state_dict(s_new)
+    new.load_state_dict(s_old)
+    # conditional sampling (replacement) and imputation: bitwise the same through the old layout
+    holes = df.iloc[:24].copy()
+    holes.loc[::3, "z"] = np.nan
+    holes.loc[1::4, "c"] = None
+    outs = []
+    for net in (new, old):
+        m.model = net
+        outs.append((m.sample(30, conditions={"c": "b", "x": 0.5}, seed=1), m.impute(holes, seed=2)))
+    m.model = new
+    for a, b in zip(*outs):
+        pd.testing.assert_frame_equal(a, b, check_exact=True)
+    # known_embed is never read when sampling such a model: garbage in it changes nothing
+    with torch.no_grad():
+        new.net.known_embed.normal_(0.0, 100.0)
+    pd.testing.assert_frame_equal(m.sample(30, conditions={"c": "b", "x": 0.5}, seed=1), outs[0][0],
+                                  check_exact=True)
+    new.load_state_dict(old.state_dict())
+    # training steps: bitwise the same weights (the optimiser never saw a gradient of the old parameter)
+    x_num, x_cat = _batch(new.n_num, new.cards, seed=3)
+    for net in (new, old):
+        net.train()
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-3, betas=(0.9, 0.99))
+        g = torch.Generator().manual_seed(4)
+        for _ in range(3):
+            loss, _ = net.loss(x_num, x_cat, generator=g)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 10.0)
+            opt.step()
+    assert old.net.known_embed.grad is None  # the old layout: a parameter DDP would wait for
+    s_new, s_old = new.state_dict(), old.state_dict()
+    assert all(torch.equal(s_new[k], s_old[k]) for k in s_new)
+
+
+def test_saved_files_load_across_the_layouts(tmp_path):
+    """A file written with the old layout (known_embed a parameter) loads into the new model and samples
+    the same; a file written now loads strictly into the old layout."""
+    from safetensors.torch import load_file
+
+    df = pd.DataFrame({"a": np.random.default_rng(0).normal(size=120), "b": ["p", "q", "r"] * 40})
+    torch.manual_seed(0)
+    m = TabularDiffusion(denoiser="transformer", cond_prob=0.0, steps=5, warmup_steps=1, batch_size=64,
+                         progress=False, sample_steps=3, token_dim=16, depth=1, num_heads=2, emb_dim=4).fit(df)
+    ref = m.sample(20, conditions={"b": "q"}, seed=0)
+    m.save(tmp_path / "new")
+    old = _old_layout(m.model)
+    old.load_state_dict(load_file(str(tmp_path / "new" / "model.safetensors")))  # strict
+    m.model = old  # what the old code would have saved
+    m.save(tmp_path / "old")
+    assert load_file(str(tmp_path / "old" / "model.safetensors")).keys() == \
+        load_file(str(tmp_path / "new" / "model.safetensors")).keys()
+    back = TabularDiffusion.load(tmp_path / "old")
+    assert "net.known_embed" not in dict(back.model.named_parameters())
+    pd.testing.assert_frame_equal(back.sample(20, conditions={"b": "q"}, seed=0), ref, check_exact=True)
+    # why the buffer keeps its name: the old layout's strict load needs it in the file
+    state = load_file(str(tmp_path / "new" / "model.safetensors"))
+    with pytest.raises(RuntimeError, match=r'Missing key\(s\).*"net.known_embed"'):
+        old.load_state_dict({k: v for k, v in state.items() if k != "net.known_embed"})
+
+
+def test_logged_loss_is_over_the_noised_features_and_known_ones_get_no_gradient(monkeypatch):
+    """cond_prob > 0: the logged mean leaves out the known (clean) features, and the loss that is minimised
+    gives their outputs exactly zero gradient (they carry no learning signal)."""
+    torch.manual_seed(0)
+    m = CDTD(3, [2, 4], CDTDConfig(cond_prob=0.9, **SMALL_NET))
+    seen = {}
+    stats_fn, precondition = CDTD._loss_stats, m.precondition
+
+    def spy_stats(ce, mse, known):
+        seen.update(ce=ce.detach(), mse=mse.detach(), known=known)
+        return stats_fn(ce, mse, known)
+
+    def spy_precondition(*args, **kwargs):
+        logits, d_num = precondition(*args, **kwargs)
+        for t in [*logits, d_num]:
+            t.retain_grad()
+        seen["out"] = (logits, d_num)
+        return logits, d_num
+
+    monkeypatch.setattr(CDTD, "_loss_stats", staticmethod(spy_stats))
+    monkeypatch.setattr(m, "precondition", spy_precondition)
+    x_num, x_cat = _batch(3, [2, 4], n=256)
+    loss, stats = m.loss(x_num, x_cat, generator=torch.Generator().manual_seed(2))
+    known, ce, mse = seen["known"], seen["ce"], seen["mse"]
+    assert known.any() and (~known).any(1).all()
+    # brute force over the entries
+    kept = [float(ce[b, j]) for b in range(256) for j in range(2) if not known[b, j]]
+    kept += [float(mse[b, i]) for b in range(256) for i in range(3) if not known[b, 2 + i]]
+    assert stats["loss"] == pytest.approx(np.mean(kept), rel=1e-5)
+    assert stats["ce"] == pytest.approx(float(ce[~known[:, :2]].mean()), rel=1e-6)
+    assert stats["mse"] == pytest.approx(float(mse[~known[:, 2:]].mean()), rel=1e-6)
+    everything = float(torch.cat([ce, mse], 1).mean())
+    assert abs(stats["loss"] - everything) > 1e-3 * everything  # the old mean was another number
+    loss.backward()
+    logits, d_num = seen["out"]
+    for j, lg in enumerate(logits):
+        assert (lg.grad[known[:, j]] == 0).all() and (lg.grad[~known[:, j]] != 0).any()
+    assert (d_num.grad[known[:, 2:]] == 0).all() and (d_num.grad[~known[:, 2:]] != 0).any()
+    # without known features the logged numbers are the plain means, as before
+    m0 = CDTD(3, [2, 4], CDTDConfig(cond_prob=0.0, **SMALL_NET))
+    _, s0 = m0.loss(x_num, x_cat, generator=torch.Generator().manual_seed(2))
+    assert seen["known"] is None
+    assert s0 == {"loss": float(torch.cat([seen["ce"], seen["mse"]], 1).mean()), "ce": float(seen["ce"].mean()),
+                  "mse": float(seen["mse"].mean())}
