@@ -10,6 +10,10 @@ Config groups (``configs/tabular/``): ``model`` (:class:`tabular.model.CDTDConfi
 (:class:`TabularEvalConfig`), ``trainer`` (core ``TrainerConfig``; the keys CDTD's compact loop uses
 are listed in ``configs/tabular/trainer/default.yaml``). All are validated before any data is read.
 
+Exit codes: 2 for a bad config or bad data (a :class:`~tabular.schema.TabularInputError`: an unreadable
+CSV, a column or value that cannot be used), one line naming it; 3 non-finite loss (core engine); any
+other exception, a ``ValueError`` from a bug included, keeps its traceback.
+
 The run directory gets ``model/`` (safetensors + schema JSON), ``synthetic.csv`` (CDTD),
 ``copula.csv`` (baseline), ``report.json`` (:func:`tabular.metrics.fidelity_report` plus timings)
 and ``marginals.png`` / ``correlation_diff.png``.
