@@ -425,3 +425,38 @@ def test_logged_loss_is_over_the_noised_features_and_known_ones_get_no_gradient(
     assert seen["known"] is None
     assert s0 == {"loss": float(torch.cat([seen["ce"], seen["mse"]], 1).mean()), "ce": float(seen["ce"].mean()),
                   "mse": float(seen["mse"].mean())}
+
+
+@pytest.mark.filterwarnings("ignore:Grad strides do not match")  # NLinear's (n, 1, D) weight: a size-1 dim
+def test_ddp_without_find_unused_parameters_runs(tmp_path):
+    """What the core Trainer's DDP wrap needs: two steps under DistributedDataParallel (one gloo process,
+    ``find_unused_parameters`` left False). A parameter without gradient fails the second step
+    ("Expected to have finished reduction in the prior iteration")."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not dist.is_available() or dist.is_initialized():
+        pytest.skip("needs torch.distributed and no process group of another test")
+
+    class Loss(torch.nn.Module):  # DDP hooks forward(): route CDTD.loss through it
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x_num, x_cat, generator):
+            return self.model.loss(x_num, x_cat, generator=generator)[0]
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        for denoiser in ("mlp", "transformer"):
+            for cond_prob in (0.0, 0.25):
+                for n_num, cards in ((3, [2, 4]), (3, []), (0, [3, 2])):
+                    torch.manual_seed(0)
+                    m = CDTD(n_num, cards, CDTDConfig(denoiser=denoiser, cond_prob=cond_prob, **SMALL_NET))
+                    ddp = DistributedDataParallel(Loss(m))
+                    x_num, x_cat = _batch(n_num, cards, n=32)
+                    g = torch.Generator().manual_seed(0)
+                    for _ in range(2):
+                        ddp(x_num, x_cat, g).backward()
+    finally:
+        dist.destroy_process_group()
