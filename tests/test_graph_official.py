@@ -7,11 +7,14 @@ graph.sample writes must equal those drawn by calling the networks (built here f
 and the GDSS sampler directly with the same seed: node counts from the training graphs, then the solver
 with the sampler config's settings. A tiny random model covers community-small, EMA and bad input; the
 fixture's seed-0 networks of the official community-small and QM9 architectures
-(``../shared/fixtures/gdss_reference.pt``) cover the full-size networks and the molecule outputs.
+(``../shared/fixtures/gdss_reference.pt``) cover the full-size networks and the molecule outputs; with
+GDSS_CHECKPOINTS set, the released checkpoints give the fixture's recorded outputs of the official code.
+Also: graph.mol_metrics's ``--cache`` default follows ``$POLYDIFF_MOL_CACHE`` when the command runs.
 """
 
 import dataclasses
 import json
+import os
 import sys
 import types
 from pathlib import Path
@@ -344,3 +347,27 @@ def test_mol_metrics_cache_follows_the_environment_at_call_time(tiny, tmp_path, 
     with pytest.raises(Stop):
         mm.main(["--checkpoint", str(path)])
     assert seen[-1] == ("qm9", str(tmp_path / "set"))
+
+
+# ------------------------------------------------------------------------- the official checkpoints themselves
+
+
+@pytest.mark.parametrize("data,file,sub,n,f", [("cs", "gdss_community_small.pth", "community_small", 20, 10),
+                                               ("qm9", "gdss_qm9.pth", "QM9", 9, 4)])
+def test_official_pretrained_checkpoints(ref, data, file, sub, n, f):
+    # The released files (their EasyDict configs included) load weights_only as GDSSModels whose networks
+    # give the fixture's recorded outputs of the official code. Set GDSS_CHECKPOINTS to their folder.
+    root = os.environ.get("GDSS_CHECKPOINTS")
+    if not root:
+        pytest.skip("set GDSS_CHECKPOINTS to the folder of the official GDSS checkpoints")
+    path = next((p for p in (Path(root) / sub / file, Path(root) / file) if p.is_file()), None)
+    if path is None:
+        pytest.skip(f"{file} not found under GDSS_CHECKPOINTS={root}")
+    model, cfg = load_official(path, n, f)
+    assert cfg.sde_adj.num_scales == 1000 and cfg.sde_x.type == ("VP" if data == "cs" else "VE")
+    x, adj, flags = ref[f"{data}/x"], ref[f"{data}/adj"], ref[f"{data}/flags"]
+    with torch.no_grad():
+        torch.testing.assert_close(model.model_x(x, adj, flags), ref[f"pretrained/{data}/model_x(clean)"],
+                                   rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(model.model_adj(x, adj, flags), ref[f"pretrained/{data}/model_adj(clean)"],
+                                   rtol=1e-4, atol=1e-5)
