@@ -377,8 +377,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = p.parse_args(argv)
     if args.cache is None:  # resolved now, not when the module was imported: the environment may change
         args.cache = str(stats_cache())
-    if args.n < 1 or args.batch < 1:
-        raise SystemExit(f"--n and --batch must be positive, got {args.n}, {args.batch}")
+    if args.n < 1 or args.batch < 1 or args.steps < 1:
+        p.error(f"--n, --batch and --steps must be positive, got {args.n}, {args.batch}, {args.steps}")  # exit 2
     torch.set_num_threads(args.threads)
 
     ckpt = load_gdss_checkpoint(args.checkpoint, ema=args.ema)

@@ -45,7 +45,7 @@ def load_official(path: str | Path, max_node_num: int, max_feat_num: int,
         raise ValueError(f"{path} holds no GDSS model_config with 'model', 'sde' and 'data' sections")
     sizes = (cfg["data"].get("max_node_num"), cfg["data"].get("max_feat_num"))
     if sizes != (max_node_num, max_feat_num):
-        raise ValueError(f"{path} was trained with max_node_num / max_feat_num = {sizes}, the run's data has "
+        raise ValueError(f"{path} was trained with max_node_num / max_feat_num = {sizes}, the data has "
                          f"{(max_node_num, max_feat_num)}")
     train = cfg.get("train", {})
     node = {**cfg["model"], "sde_x": cfg["sde"]["x"], "sde_adj": cfg["sde"]["adj"]}

@@ -371,3 +371,13 @@ def test_official_pretrained_checkpoints(ref, data, file, sub, n, f):
                                    rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(model.model_adj(x, adj, flags), ref[f"pretrained/{data}/model_adj(clean)"],
                                    rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("args", [["--n", "0"], ["--batch", "-1"], ["--steps", "0"]])
+def test_mol_metrics_names_a_bad_count_with_exit_2(args, tmp_path, capsys):
+    from graph import mol_metrics
+
+    with pytest.raises(SystemExit) as e:  # before the checkpoint is read: it need not exist
+        mol_metrics.main(["--checkpoint", str(tmp_path / "absent.pth"), *args])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "must be positive" in err and "got " in err and args[1] in err.split("got ")[1]
