@@ -9,6 +9,11 @@
   come from a seeded permutation per epoch; the position ``(epoch, index)`` is checkpointed.
   Each global micro-batch of ``batch_size / grad_accum`` indices is cut in contiguous pieces,
   one per rank, so N ranks see exactly the samples one rank would.
+- The constructor seeds Python's, NumPy's and torch's global RNGs from ``cfg.seed`` and the rank
+  (and a resume restores them), so draws that cannot take ``generator`` (dropout) are
+  reproducible too. A caller that runs a Trainer as a helper inside its own seeded work (a
+  classifier for an evaluation, say) should wrap it in ``torch.random.fork_rng()`` and reseed
+  ``random``/``numpy`` itself if it uses them.
 - Optimiser (AdamW / Adam / SGD), linear warm-up then constant / cosine / linear decay
   (``LambdaLR``), gradient accumulation and clipping, EMA with several decays, bf16 autocast
   (CPU and CUDA) or fp16 autocast with a ``GradScaler`` (CUDA only).
