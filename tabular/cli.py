@@ -6,7 +6,11 @@
     python -m tabular.cli report --real train.csv --synthetic synth.csv --holdout test.csv \
         [--target income --task classification] [--baseline] --out report_dir
 
-Errors in the input (a bad column, an unparseable value) end with one line naming it and exit code 2.
+Errors in the input end with one line naming it and exit code 2: a bad column or an unparseable
+value in a CSV (:class:`~tabular.schema.TabularInputError`, the holdout and synthetic CSVs of
+``report`` included, checked against the schema of ``--real``), a missing input file or model
+directory, and arguments the CLI rejects. Any other exception, a ``ValueError`` from a bug included,
+keeps its traceback (exit 1).
 """
 
 from __future__ import annotations
@@ -18,12 +22,53 @@ from pathlib import Path
 
 import torch
 
+from .schema import TabularInputError
+
+
+class UsageError(Exception):
+    """An argument the CLI rejects after parsing (a malformed ``--condition``, a missing model
+    directory, ...): reported like bad input, one line and exit code 2."""
+
+
+def _positive_int(text: str) -> int:
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _output_file(path: str, flag: str) -> str:
+    parent = Path(path).resolve().parent
+    if not parent.is_dir():
+        raise UsageError(f"{flag} {path!r}: directory {str(parent)!r} does not exist")
+    return path
+
+
+def _load_model(path: str):
+    from .api import TabularDiffusion
+
+    for name in ("model.safetensors", "tabular.json"):
+        if not (Path(path) / name).is_file():
+            raise UsageError(f"--model {path!r} is not a saved model ({name} is missing)")
+    return TabularDiffusion.load(path)
+
+
+def _check_conditions(conditions: dict, schema) -> None:
+    """The CLI's own check of ``--condition`` columns (values are checked by the encoder)."""
+    for name, value in conditions.items():
+        if name not in schema.names:
+            raise UsageError(f"--condition on unknown column {name!r}; columns are {schema.names}")
+        col = schema[name]
+        if col.kind == "constant" and value != col.value:
+            raise UsageError(f"--condition {name}={value!r}: the column is constant ({col.value!r}) in the "
+                             f"training data")
+
 
 def _parse_conditions(items: list[str]) -> dict:
     out = {}
     for item in items or []:
         if "=" not in item:
-            raise ValueError(f"--condition must look like column=value, got {item!r}")
+            raise UsageError(f"--condition must look like column=value, got {item!r}")
         k, v = item.split("=", 1)
         try:
             v = json.loads(v)  # numbers, true/false, quoted strings
@@ -40,17 +85,17 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("csv")
     f.add_argument("--model", required=True, help="output directory of the model")
     f.add_argument("--categorical", default="", help="comma-separated categorical columns (others inferred)")
-    f.add_argument("--steps", type=int, default=3000)
-    f.add_argument("--batch-size", type=int, default=1024)
+    f.add_argument("--steps", type=_positive_int, default=3000)
+    f.add_argument("--batch-size", type=_positive_int, default=1024)
     f.add_argument("--denoiser", default="mlp", choices=["mlp", "transformer"])
     f.add_argument("--seed", type=int, default=0)
     s = sub.add_parser("sample", help="sample rows from a saved model")
     s.add_argument("--model", required=True)
-    s.add_argument("-n", type=int, required=True)
+    s.add_argument("-n", type=_positive_int, required=True)
     s.add_argument("--out", required=True)
     s.add_argument("--condition", action="append", help="column=value, repeatable")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's)")
+    s.add_argument("--steps", type=_positive_int, default=None, help="sampler steps (default: the model's)")
     i = sub.add_parser("impute", help="fill the missing cells of a CSV")
     i.add_argument("--model", required=True)
     i.add_argument("--input", required=True)
@@ -66,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--baseline", action="store_true", help="add a Gaussian copula fitted on --real")
     r.add_argument("--out", required=True)
     for q in (f, s, i, r):
-        q.add_argument("--threads", type=int, default=1, help="torch threads")
+        q.add_argument("--threads", type=_positive_int, default=1, help="torch threads")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -81,39 +126,51 @@ def main(argv: list[str] | None = None) -> int:
             m.save(args.model)
             print(f"saved {args.model} ({m.fit_steps} steps, {m.fit_seconds:.0f} s)")
         elif args.cmd == "sample":
-            m = TabularDiffusion.load(args.model)
-            df = m.sample(args.n, conditions=_parse_conditions(args.condition), seed=args.seed, steps=args.steps)
-            df.to_csv(args.out, index=False)
-            print(f"wrote {len(df)} rows to {args.out}")
+            conditions = _parse_conditions(args.condition)
+            out = _output_file(args.out, "--out")
+            m = _load_model(args.model)
+            _check_conditions(conditions, m.schema)
+            df = m.sample(args.n, conditions=conditions, seed=args.seed, steps=args.steps)
+            df.to_csv(out, index=False)
+            print(f"wrote {len(df)} rows to {out}")
         elif args.cmd == "impute":
-            m = TabularDiffusion.load(args.model)
+            out = _output_file(args.out, "--out")
+            m = _load_model(args.model)
             df = load_csv(args.input)
-            out = m.impute(df, seed=args.seed)
-            out.to_csv(args.out, index=False)
-            print(f"filled {int(df.isna().to_numpy().sum())} cells; wrote {args.out}")
+            filled = m.impute(df, seed=args.seed)
+            filled.to_csv(out, index=False)
+            print(f"filled {int(df.isna().to_numpy().sum())} cells; wrote {out}")
         else:
             from .baseline import GaussianCopula
             from .metrics import fidelity_report, plot_report
-            from .schema import infer_schema
+            from .schema import check_holdout, infer_schema
 
+            if args.target and not args.task:
+                raise UsageError("--target needs --task classification|regression")
             real, holdout = load_csv(args.real), load_csv(args.holdout)
             cats = [c for c in args.categorical.split(",") if c] or None
             schema = infer_schema(real, cats)
+            # the holdout and the synthetic tables are scored against --real's schema: a typo or a
+            # missing column is named here, not turned into NaN or a KeyError inside the metrics
+            checks = {"holdout_check": check_holdout(schema, holdout, args.target, args.task,
+                                                     where=f"holdout {args.holdout!r}"),
+                      "synthetic_check": {}}
             synth = {}
             for k, item in enumerate(args.synthetic):
                 name, _, path = item.rpartition("=")
-                synth[name or f"synthetic_{k}"] = load_csv(path)
+                name = name or f"synthetic_{k}"
+                synth[name] = load_csv(path)
+                checks["synthetic_check"][name] = check_holdout(schema, synth[name], where=f"synthetic {path!r}")
             if args.baseline:
                 synth["gaussian_copula"] = GaussianCopula().fit(real, schema=schema).sample(len(real))
-            if args.target and not args.task:
-                raise ValueError("--target needs --task classification|regression")
-            rep = fidelity_report(real, holdout, synth, schema, args.target, args.task)
+            rep = fidelity_report(real, holdout, synth, schema, args.target, args.task) | checks
             out = Path(args.out)
             out.mkdir(parents=True, exist_ok=True)
             (out / "report.json").write_text(json.dumps(rep, indent=1))
             plot_report(real, synth, schema, rep, out)
             print(json.dumps(rep["ranking"], indent=1))
-    except (ValueError, TypeError) as e:
+    except (TabularInputError, UsageError) as e:
+        # bad input only: any other exception (a ValueError from a bug included) keeps its traceback
         print(f"tabular: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -268,3 +268,91 @@ def constant_series(col: Column, n: int) -> pd.Series:
     if isinstance(v, float) and math.isnan(v):
         return pd.Series(np.full(n, np.nan))
     return pd.Series([v] * n)
+
+
+def _is_number(v: str) -> bool:
+    try:
+        float(v)
+    except ValueError:
+        return False
+    return True
+
+
+def check_holdout(schema: Schema, df: pd.DataFrame, target: str | None = None, task: str | None = None, *,
+                  where: str = "holdout") -> dict:
+    """Check a table that is scored against a fitted ``schema`` but never trained on (the holdout of the
+    fidelity report: ML-efficiency test set, DCR holdout, detection) and say what in it training never saw.
+
+    Raises :class:`TabularInputError` naming ``where``, the column and the value for what cannot be a
+    value of the column: a column the schema does not know or lacks, a numerical entry that is not a
+    number (a typo would otherwise become NaN silently), an infinity, a non-number in a categorical
+    column whose training values are all numbers (int/float dtype or numeric strings), a non-boolean in
+    a boolean column, a category that differs from a training category only in case or surrounding
+    spaces ('male' for 'Male'), and a ``target`` class that training never had (``task`` classification:
+    train-on-synthetic models can never predict it; Adult's raw test labels '>50K.' are that case). A
+    ``target`` that is not a column, constant, or categorical with ``task`` regression is refused too.
+
+    Any other unseen category is normal in real data (Adult's rare native countries, a subsampled
+    training table) and is handled by :mod:`tabular.metrics`: gradient boosting sends a category unseen
+    in its training data down the missing-value branch, and in DCR's one-hot space it matches no
+    training category. It is counted, not refused. Returns ``{"rows", "unseen_categories": {column:
+    {value: count}}, "missing_not_in_train": {numerical column: count}}`` (empty dicts when nothing is
+    new) and warns once when either is non-empty. ``df`` is not modified.
+    """
+    try:
+        schema.check_frame(df)
+    except TabularInputError as e:
+        raise TabularInputError(f"{where}: {e}") from None
+    if target is not None:
+        if target not in schema.names:
+            raise TabularInputError(f"target {target!r} is not a column; columns are {schema.names}")
+        kind = schema[target].kind
+        if kind == "constant":
+            raise TabularInputError(f"target {target!r} is constant in the training data: there is nothing to predict")
+        if task == "regression" and kind != "numerical":
+            raise TabularInputError(f"target {target!r} is {kind} but the task is regression; "
+                                    f"use task classification or a numerical target")
+    unseen, new_missing = {}, {}
+    for col in schema.columns:
+        s = df[col.name]
+        if col.kind == "numerical":
+            try:
+                x = _parse_numeric(col.name, s)
+            except TabularInputError as e:
+                raise TabularInputError(f"{where}: {e}") from None
+            n_miss = int(x.isna().sum())
+            if n_miss and not col.has_missing:  # NaN-aware metrics handle it; worth knowing
+                new_missing[col.name] = n_miss
+        elif col.kind == "categorical":
+            strings = category_strings(s)
+            new = strings[~strings.isin(col.categories)]
+            if new.empty:
+                continue
+            counts = new.value_counts()
+            known = [c for c in col.categories if c != MISSING]
+            for value in counts.index:
+                if value == MISSING:
+                    continue
+                if col.dtype in ("int", "float") or (col.dtype == "str" and known and all(map(_is_number, known))):
+                    if not _is_number(value):
+                        raise TabularInputError(f"{where}: column {col.name!r}: value {value!r} is not a number "
+                                                f"although every training value of the column is")
+                if col.dtype == "bool" and value not in ("True", "False"):
+                    raise TabularInputError(f"{where}: column {col.name!r}: value {value!r} is not a boolean "
+                                            f"although the column holds True/False")
+                twin = [c for c in known if c.strip().casefold() == value.strip().casefold()]
+                if twin:
+                    raise TabularInputError(f"{where}: column {col.name!r}: value {value!r} is not a training "
+                                            f"category; did you mean {twin[0]!r}? (differs only in case or spaces)")
+            if col.name == target and task == "classification":
+                value = counts.index[0]
+                what = "missing labels" if value == MISSING else f"class {value!r}"
+                raise TabularInputError(f"{where}: target {col.name!r}: {what} ({int(counts.iloc[0])} rows) never "
+                                        f"occurs in training (classes: {col.categories[:10]})")
+            unseen[col.name] = {str(k): int(v) for k, v in counts.items()}
+    if unseen or new_missing:
+        parts = [f"{c!r}: {list(v)[:5]}{'...' if len(v) > 5 else ''}" for c, v in unseen.items()]
+        parts += [f"{c!r}: {n} missing" for c, n in new_missing.items()]
+        warnings.warn(f"{where}: values never seen in training (scored as unseen, not refused): "
+                      + "; ".join(parts), stacklevel=2)
+    return {"rows": int(len(df)), "unseen_categories": unseen, "missing_not_in_train": new_missing}

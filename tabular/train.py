@@ -11,11 +11,13 @@ Config groups (``configs/tabular/``): ``model`` (:class:`tabular.model.CDTDConfi
 are listed in ``configs/tabular/trainer/default.yaml``). All are validated before any data is read.
 
 Exit codes: 2 for a bad config or bad data (a :class:`~tabular.schema.TabularInputError`: an unreadable
-CSV, a column or value that cannot be used), one line naming it; 3 non-finite loss (core engine); any
+CSV, a column or value that cannot be used, in the training table or in the holdout, which is checked
+against the schema before training by :func:`~tabular.schema.check_holdout`), one line naming it; 3 non-finite loss (core engine); any
 other exception, a ``ValueError`` from a bug included, keeps its traceback.
 
 The run directory gets ``model/`` (safetensors + schema JSON), ``synthetic.csv`` (CDTD),
-``copula.csv`` (baseline), ``report.json`` (:func:`tabular.metrics.fidelity_report` plus timings)
+``copula.csv`` (baseline), ``report.json`` (:func:`tabular.metrics.fidelity_report` plus timings and
+``holdout_check``: the holdout's categories and missing values never seen in training, counted)
 and ``marginals.png`` / ``correlation_diff.png``.
 """
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -40,7 +43,7 @@ from .baseline import GaussianCopula
 from .data import DATASETS, load_csv, load_dataset, split_frame
 from .metrics import fidelity_report, plot_report
 from .model import CDTDConfig
-from .schema import TabularInputError
+from .schema import TabularInputError, check_holdout, infer_schema
 
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "tabular"
 
@@ -133,6 +136,13 @@ def run(model_cfg: CDTDConfig, data_cfg: TabularDataConfig, sampler_cfg: Tabular
     torch.set_num_threads(eval_cfg.threads)
     out_dir.mkdir(parents=True, exist_ok=True)
     train, test, target, task, cats = load_tables(data_cfg)
+    # The holdout (ML-efficiency test set, DCR holdout) is checked against the schema the model will
+    # fit before any training: a typo only in holdout rows is named now, not after the fit (or never,
+    # as a silent NaN). The schema is inferred as model.fit infers it (its warnings are fit's to give).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        schema = infer_schema(train, cats)
+    holdout_check = check_holdout(schema, test, target, task)
     n = sampler_cfg.n_samples or len(train)
     model = TabularDiffusion(**asdict(model_cfg), **fit_kwargs, time_limit_s=eval_cfg.time_limit_s,
                              cpu_time_limit_s=eval_cfg.cpu_time_limit_s,
@@ -151,6 +161,7 @@ def run(model_cfg: CDTDConfig, data_cfg: TabularDataConfig, sampler_cfg: Tabular
         copula_s = time.perf_counter() - t0
         synthetic["gaussian_copula"].to_csv(out_dir / "copula.csv", index=False)
     report = fidelity_report(train, test, synthetic, model.schema, target, task, seed=eval_cfg.report_seed)
+    report["holdout_check"] = holdout_check
     report["timing"] = {"fit_seconds": model.fit_seconds, "fit_cpu_seconds": model.fit_cpu_seconds,
                         "fit_steps": model.fit_steps, "sample_seconds": sample_s,
                         "sample_rows": n, "rows_per_second": n / sample_s, "copula_seconds": copula_s,
