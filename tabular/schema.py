@@ -113,7 +113,9 @@ def _parse_numeric(name: str, s: pd.Series) -> pd.Series:
     out = pd.to_numeric(s, errors="coerce").astype("float64")
     bad = out.isna() & s.notna()
     if bad.any():
-        raise TabularInputError(f"column {name!r}: value {s[bad].iloc[0]!r} (row {s.index[bad][0]!r}) is not a number")
+        row = s.index[bad][0]
+        row = row.item() if isinstance(row, np.generic) else row  # row 4, not row np.int64(4)
+        raise TabularInputError(f"column {name!r}: value {s[bad].iloc[0]!r} (row {row!r}) is not a number")
     if np.isinf(out.to_numpy()).any():
         raise TabularInputError(f"column {name!r} holds an infinite value; replace it with a number or NaN")
     return out

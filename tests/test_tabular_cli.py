@@ -110,3 +110,107 @@ def test_bench_times_the_model_and_the_copula_side_by_side(tmp_path, capsys):
         with pytest.raises(SystemExit):
             bench(bad)
         assert msg in capsys.readouterr().err
+
+
+def _err(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+@pytest.mark.filterwarnings("ignore:.*never seen in training")  # new.csv's 'z', before a later error
+def test_cli_report_checks_holdout_and_synthetic_against_the_schema(csv, tmp_path, capsys):
+    path, df = csv
+    real, hold = df.iloc[:200], df.iloc[200:].reset_index(drop=True)
+    real.to_csv(tmp_path / "real.csv", index=False)
+    typo = hold.astype({"a": object})
+    typo.loc[7, "a"] = "1,5"  # a decimal comma: pandas would turn it into NaN without a word
+    typo.to_csv(tmp_path / "typo.csv", index=False)
+    hold.drop(columns="n").to_csv(tmp_path / "short.csv", index=False)
+    new = hold.copy()
+    new.loc[:3, "b"] = "z"  # a category only the holdout has: counted in the report, not refused
+    new.to_csv(tmp_path / "new.csv", index=False)
+    base = ["report", "--real", str(tmp_path / "real.csv"), "--out", str(tmp_path / "rep")]
+    cases = [(["--holdout", str(tmp_path / "typo.csv"), "--synthetic", str(tmp_path / "real.csv")],
+              ("holdout", "typo.csv", "'a'", "'1,5'")),
+             (["--holdout", str(tmp_path / "short.csv"), "--synthetic", str(tmp_path / "real.csv")],
+              ("holdout", "'n'", "missing")),
+             (["--holdout", str(tmp_path / "new.csv"), "--synthetic", f"s={tmp_path / 'short.csv'}"],
+              ("synthetic", "short.csv", "'n'")),
+             (["--holdout", str(tmp_path / "new.csv"), "--synthetic", str(tmp_path / "real.csv"), "--target", "b",
+               "--task", "classification"], ("target 'b'", "'z'")),
+             (["--holdout", str(tmp_path / "new.csv"), "--synthetic", str(tmp_path / "real.csv"), "--target", "nope",
+               "--task", "regression"], ("'nope'",)),
+             (["--holdout", str(tmp_path / "new.csv"), "--synthetic", str(tmp_path / "real.csv"), "--target", "a"],
+              ("--target needs --task",)),
+             (["--holdout", str(tmp_path / "none.csv"), "--synthetic", str(tmp_path / "real.csv")],
+              ("none.csv", "does not exist"))]
+    for extra, names in cases:
+        capsys.readouterr()
+        assert cli(base + extra) == 2, extra
+        err = _err(capsys)
+        for name in names:
+            assert name in err, (name, err)
+    assert not (tmp_path / "rep").exists()
+    with pytest.warns(UserWarning, match="'b': \\['z'\\]"):
+        assert cli(base + ["--holdout", str(tmp_path / "new.csv"), "--synthetic", f"copy={tmp_path / 'real.csv'}",
+                           "--target", "n", "--task", "regression"]) == 0
+    rep = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert rep["holdout_check"]["unseen_categories"] == {"b": {"z": 4}}
+    assert rep["synthetic_check"]["copy"]["unseen_categories"] == {}
+    assert np.isfinite(rep["models"]["copy"]["mle"]["r2"])
+
+
+def test_cli_argument_errors_exit_2_naming_them(csv, tmp_path, capsys):
+    path, df = csv
+    model = tmp_path / "m"
+    assert cli(["fit", str(path), "--model", str(model), "--steps", "2", "--batch-size", "64"]) == 0
+    sample = ["sample", "--model", str(model), "-n", "5", "--steps", "2"]
+    cases = [(["sample", "--model", str(tmp_path / "nope"), "-n", "5", "--out", str(tmp_path / "s.csv")],
+              ("--model", "nope", "is not a saved model")),
+             (sample + ["--out", str(tmp_path / "s.csv"), "--condition", "b"], ("column=value", "'b'")),
+             (sample + ["--out", str(tmp_path / "s.csv"), "--condition", "nope=1"], ("unknown column 'nope'",)),
+             (sample + ["--out", str(tmp_path / "s.csv"), "--condition", "b=w"], ("'b'", "'w'")),
+             (sample + ["--out", str(tmp_path / "no" / "s.csv")], ("--out", "does not exist")),
+             (["impute", "--model", str(model), "--input", str(tmp_path / "none.csv"), "--out",
+               str(tmp_path / "f.csv")], ("none.csv", "does not exist"))]
+    for argv, names in cases:
+        capsys.readouterr()
+        assert cli(argv) == 2, argv
+        err = _err(capsys)
+        for name in names:
+            assert name in err, (name, err)
+    for argv in (sample[:4] + ["0", "--out", str(tmp_path / "s.csv")], sample + ["--out", "x.csv", "--threads", "0"]):
+        with pytest.raises(SystemExit) as e:  # argparse's own exit for a value it rejects
+            cli(argv)
+        assert e.value.code == 2 and "must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_cli_keeps_the_traceback_of_an_internal_valueerror(csv, tmp_path, monkeypatch):
+    """A ValueError from inside (a bug) is not bad input: it leaves main() as itself, so that
+    ``python -m tabular.cli`` prints its traceback and exits 1, never 2."""
+    import tabular.metrics
+    from tabular.api import TabularDiffusion
+
+    path, _ = csv
+
+    def broken(*args, **kwargs):
+        raise ValueError("internal bug")
+
+    monkeypatch.setattr(TabularDiffusion, "_train", broken)
+    with pytest.raises(ValueError, match="internal bug") as e:
+        cli(["fit", str(path), "--model", str(tmp_path / "m"), "--steps", "2"])
+    assert type(e.value) is ValueError
+    monkeypatch.setattr(tabular.metrics, "fidelity_report", broken)
+    with pytest.raises(ValueError, match="internal bug"):
+        cli(["report", "--real", str(path), "--holdout", str(path), "--synthetic", str(path), "--out",
+             str(tmp_path / "rep")])
+    # and as a process: the traceback, exit code 1
+    code = ("import sys, tabular.metrics as m\n"
+            "def broken(*a, **k):\n    raise ValueError('internal bug')\n"
+            "m.fidelity_report = broken\n"
+            "from tabular.cli import main\n"
+            f"sys.exit(main(['report', '--real', {str(path)!r}, '--holdout', {str(path)!r}, '--synthetic', "
+            f"{str(path)!r}, '--out', {str(tmp_path / 'rep')!r}]))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "Traceback" in r.stderr and "internal bug" in r.stderr

@@ -98,3 +98,116 @@ def test_the_boundary_raises_tabular_input_error(tmp_path):
         with pytest.raises(TabularInputError, match=msg) as e:
             call()
         assert isinstance(e.value, ValueError)
+
+
+# -- the holdout of the fidelity report ------------------------------------------------------------
+
+
+def _holdout_rows(n=100, test_fraction=0.2, seed=0):
+    """Row numbers of a CSV that tabular.data.split_frame puts in the holdout (the same permutation)."""
+    return np.random.default_rng(seed).permutation(n)[: int(round(n * test_fraction))]
+
+
+def test_a_typo_only_in_the_holdout_exits_2_naming_it(monkeypatch, tmp_path, capsys):
+    rows = _holdout_rows()
+    df = _table().astype({"a": object})
+    df.loc[rows[0], "a"] = "oops"  # a number column with a typo in one holdout row, none in training
+    df.to_csv(tmp_path / "typo.csv", index=False)
+    label = _table()
+    label.loc[rows[1], "b"] = "z"  # a class of the target that training never has
+    label.to_csv(tmp_path / "label.csv", index=False)
+    cases = [((f"data.path={tmp_path / 'typo.csv'}",), ("holdout", "'a'", "'oops'")),
+             ((f"data.path={tmp_path / 'label.csv'}", "data.target=b", "data.task=classification"),
+              ("holdout", "'b'", "'z'")),
+             ((f"data.path={tmp_path / 'label.csv'}", "data.target=b", "data.task=regression"),
+              ("'b'", "regression"))]
+    for overrides, names in cases:
+        capsys.readouterr()
+        assert _exit_code(monkeypatch, tmp_path, "data=csv", *overrides) == 2, overrides
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        for name in names:
+            assert name in err, (name, err)
+        assert not (tmp_path / "run" / "model").exists()  # refused before any training
+
+
+def test_an_unseen_holdout_category_is_reported_not_refused(monkeypatch, tmp_path):
+    import json
+
+    rows = _holdout_rows()
+    df = _table()
+    df.loc[rows[:3], "b"] = "z"  # only in the holdout: normal in real data, scored as an unseen category
+    df.to_csv(tmp_path / "new.csv", index=False)
+    with pytest.warns(UserWarning, match="holdout: values never seen in training.*'b': \\['z'\\]"):
+        _run(monkeypatch, tmp_path, "data=csv", f"data.path={tmp_path / 'new.csv'}")
+    rep = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert rep["holdout_check"] == {"rows": 20, "unseen_categories": {"b": {"z": 3}}, "missing_not_in_train": {}}
+    assert rep["rows"]["test"] == 20 and np.isfinite(rep["models"]["cdtd"]["dcr"]["share_closer_to_train"])
+
+
+def test_check_holdout_names_what_cannot_be_a_value_of_the_column():
+    from tabular.schema import check_holdout
+
+    rng = np.random.default_rng(1)
+    n = 60
+    train = pd.DataFrame({"a": rng.normal(size=n), "b": rng.choice(["x", "y"], n), "k": rng.integers(1, 4, n),
+                          "t": rng.random(n) < 0.5, "y": rng.choice(["good", "bad"], n)})
+    schema = infer_schema(train, categorical=["k"])
+    hold = train.iloc[:10].reset_index(drop=True)
+
+    def edit(col, value, row=4):
+        h = hold.astype({col: object})
+        h.loc[row, col] = value
+        return h
+
+    bad = [(edit("a", "oops"), {}, r"holdout: column 'a': value 'oops' \(row 4\) is not a number"),
+           (edit("a", np.inf), {}, "holdout: column 'a' holds an infinite value"),
+           (edit("b", "X "), {}, r"holdout: column 'b': value 'X ' is not a training category; did you mean 'x'"),
+           (edit("k", "two"), {}, "holdout: column 'k': value 'two' is not a number"),
+           (edit("t", "yes"), {}, "holdout: column 't': value 'yes' is not a boolean"),
+           (edit("y", "maybe"), {"target": "y", "task": "classification"}, "target 'y': class 'maybe'"),
+           (edit("y", None), {"target": "y", "task": "classification"}, "target 'y': missing labels"),
+           (hold, {"target": "y", "task": "regression"}, "target 'y' is categorical but the task is regression"),
+           (hold, {"target": "nope", "task": "classification"}, "target 'nope' is not a column"),
+           (hold.drop(columns="b"), {}, "holdout: column 'b' of the fitted schema is missing"),
+           (hold.assign(c=1), {}, "holdout: column 'c' is not in the fitted schema")]
+    for h, kw, msg in bad:
+        with pytest.raises(TabularInputError, match=msg):
+            check_holdout(schema, h, **kw)
+
+    # categories never seen in training (and NaN where training had none) are counted, not refused;
+    # the holdout itself is left as it was
+    h = hold.astype({"b": object, "k": object})
+    h.loc[[1, 2], "b"] = "w"
+    h.loc[3, "k"] = 7
+    h.loc[5, "a"] = np.nan
+    h.loc[6, "y"] = None  # a missing value in a column that is not the target: an unseen category too
+    before = h.copy()
+    with pytest.warns(UserWarning, match="never seen in training"):
+        got = check_holdout(schema, h, where="test set")
+    assert got == {"rows": 10, "unseen_categories": {"b": {"w": 2}, "k": {"7": 1}, "y": {"<missing>": 1}},
+                   "missing_not_in_train": {"a": 1}}
+    pd.testing.assert_frame_equal(h, before)
+
+
+def test_shipped_holdouts_pass_and_a_subsample_reports_unseen_countries():
+    """Adult's test file, German credit's and diamonds' 80/20 splits fit their training schemas; a
+    300-row Adult subsample misses rare native countries that its holdout has: counted, not refused."""
+    import warnings
+
+    from tabular.schema import check_holdout
+    from tabular.train import TabularDataConfig, load_tables
+
+    for name in ("adult", "german", "diamonds"):
+        train, test, target, task, cats = load_tables(TabularDataConfig(name=name))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # nothing new in these holdouts
+            got = check_holdout(infer_schema(train, cats), test, target, task)
+        assert got == {"rows": len(test), "unseen_categories": {}, "missing_not_in_train": {}}, name
+    train, test, target, task, cats = load_tables(TabularDataConfig(name="adult", max_train_rows=300))
+    with pytest.warns(UserWarning, match="native_country"):
+        got = check_holdout(infer_schema(train, cats), test, target, task)
+    countries = set(train["native_country"].dropna())
+    expected = test["native_country"].dropna()
+    expected = expected[~expected.isin(countries)].value_counts().to_dict()
+    assert expected and got["unseen_categories"]["native_country"] == expected
