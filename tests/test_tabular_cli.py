@@ -184,6 +184,9 @@ def test_cli_argument_errors_exit_2_naming_them(csv, tmp_path, capsys):
         with pytest.raises(SystemExit) as e:  # argparse's own exit for a value it rejects
             cli(argv)
         assert e.value.code == 2 and "must be >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        cli(sample[:4] + ["ten", "--out", str(tmp_path / "s.csv")])
+    assert e.value.code == 2 and "expected a positive integer, got 'ten'" in capsys.readouterr().err
 
 
 def test_cli_keeps_the_traceback_of_an_internal_valueerror(csv, tmp_path, monkeypatch):
