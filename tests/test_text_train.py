@@ -130,3 +130,28 @@ def test_evaluate_command_on_tiny_runs(tmp_path, corpus, radd_run):
         other = tmp_path / "other"
         run(other, corpus, "model=ar", "trainer.steps=2", "trainer.ckpt_every=2", "data.seq_len=8")
         main(["--radd", str(radd_run[0]), "--ar", str(other), "--val-chunks", "2", "--speed-steps", ""])
+
+
+def test_evaluate_with_an_independent_scorer(tmp_path, corpus, radd_run):
+    from text.evaluate import main, validation_chunks
+    from text.metrics import ar_perplexity
+    from text.sample import load_run, sample_ar
+
+    run(tmp_path / "ar", corpus, "model=ar", "trainer.steps=3", "trainer.ckpt_every=3")
+    run(tmp_path / "scorer", corpus, "model=ar", "trainer.steps=4", "trainer.ckpt_every=4", "trainer.seed=5")
+    args = ["--radd", str(radd_run[0]), "--ar", str(tmp_path / "ar"), "--val-chunks", "4", "--bound-samples", "1",
+            "--num-samples", "2", "--steps", "4", "--speed-steps", ""]
+    base = main(args)
+    assert base["scorer"]["heldout_gen_ppl"] == pytest.approx(base["ar"]["perplexity"])  # the baseline scores
+    res = main([*args, "--scorer", str(tmp_path / "scorer")])
+    ar, tok, info = load_run(tmp_path / "ar")
+    scorer, _, _ = load_run(tmp_path / "scorer")
+    val = validation_chunks(info, tok)
+    val = val[torch.linspace(0, len(val) - 1, min(4, len(val))).round().long()]
+    assert res["scorer"]["heldout_gen_ppl"] == pytest.approx(ar_perplexity(scorer, val))
+    xs, _ = sample_ar(ar, 2, val.shape[1], generator=torch.Generator().manual_seed(0))
+    assert res["ar"]["gen_ppl"] == pytest.approx(ar_perplexity(scorer, xs))
+    assert abs(res["ar"]["gen_ppl"] - base["ar"]["gen_ppl"]) > 1e-6  # another model scored them
+    assert res["ar"]["perplexity"] == base["ar"]["perplexity"] and res["radd"]["nll_bound"] == base["radd"]["nll_bound"]
+    with pytest.raises(ValueError, match="must be an 'ar' run"):
+        main([*args, "--scorer", str(radd_run[0])])

@@ -6,7 +6,8 @@
 All runs must share the data settings (the same validation chunks are rebuilt from ``run.json``).
 Reports, per model: the validation perplexity (exact for AR, the ELBO bound for SEDD/RADD, see
 :mod:`text.metrics`); for samples of ``--steps`` diffusion steps and AR samples at temperature 1:
-their generative perplexity under the AR model and their unigram entropy against the validation
+their generative perplexity under the AR model (or under ``--scorer``, an independent AR run) with
+held-out text scored alike for reference, and their unigram entropy against the validation
 data's (also for a Difformer run, ``--difformer``, which has no likelihood bound here); and samples/s against the number of steps (RADD cached and uncached, SEDD analytic).
 """
 
@@ -50,6 +51,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=128)
     p.add_argument("--speed-steps", default="32,128,1024")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scorer", default=None,
+                   help="an AR run that scores the samples (generative perplexity) instead of the --ar baseline: "
+                        "an independent scorer, as SEDD scores with GPT-2 large; its own final (EMA) weights")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"), help="auto: cuda when available")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
@@ -74,9 +78,18 @@ def main(argv: list[str] | None = None) -> dict:
                  "parameters": sum(p.numel() for p in ar.parameters()), "data_unigram_entropy": data_entropy}
     t0 = time.perf_counter()
     res["ar"] = {"perplexity": ar_perplexity(ar, val)}
+    scorer = ar
+    if a.scorer is not None:
+        scorer, stok, sinfo = load_run(a.scorer, device=dev)
+        if scorer.kind != "ar" or stok.spec() != tok.spec():
+            raise ValueError(f"--scorer {a.scorer!r} must be an 'ar' run with the tokenizer of {a.ar!r}, "
+                             f"got a {scorer.kind!r} run")
+    # Held-out text scored like the samples: what a perfect generator would get (for the baseline
+    # scorer it is the AR validation perplexity).
+    res["scorer"] = {"run": a.scorer or a.ar, "heldout_gen_ppl": generative_perplexity(scorer, val)}
     g = gen()
     xs, _ = sample_ar(ar, a.num_samples, L, temperature=1.0, generator=g)
-    res["ar"].update(gen_ppl=generative_perplexity(ar, xs), sample_entropy=unigram_entropy(xs, tok.vocab_size),
+    res["ar"].update(gen_ppl=generative_perplexity(scorer, xs), sample_entropy=unigram_entropy(xs, tok.vocab_size),
                      sample=tok.decode(xs[0].tolist()))
     print(f"ar: {res['ar']['perplexity']:.3f} ({time.perf_counter() - t0:.0f}s)", flush=True)
     for kind, run in (("sedd", a.sedd), ("radd", a.radd)):
@@ -90,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
         r = {"perplexity_bound": math.exp(b["nll"]), "nll_bound": b["nll"], "nll_stderr": b["stderr"],
              "method": b["method"], "ratio_to_ar": math.exp(b["nll"]) / res["ar"]["perplexity"]}
         xs, nfe = sample_diffusion(m, a.num_samples, L, a.steps, generator=gen())
-        r.update(gen_ppl=generative_perplexity(ar, xs), sample_entropy=unigram_entropy(xs, tok.vocab_size),
+        r.update(gen_ppl=generative_perplexity(scorer, xs), sample_entropy=unigram_entropy(xs, tok.vocab_size),
                  nfe=float(nfe.float().mean()), sample=tok.decode(xs[0].tolist()))
         r["entropy_rel_diff"] = abs(r["sample_entropy"] - data_entropy) / data_entropy
         res[kind] = r
@@ -106,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
         res["difformer"] = {"perplexity_bound": math.exp(b["nll"]), "nll_bound": b["nll"], "nll_stderr": b["stderr"],
                             "nll_terms": {k: b[k] for k in ("recon", "prior", "diffusion")},
                             "ratio_to_ar": math.exp(b["nll"]) / res["ar"]["perplexity"],
-                            "gen_ppl": generative_perplexity(ar, xs), "sample_entropy": ent, "nfe": float(nfe[0]),
+                            "gen_ppl": generative_perplexity(scorer, xs), "sample_entropy": ent, "nfe": float(nfe[0]),
                             "entropy_rel_diff": abs(ent - data_entropy) / data_entropy,
                             "sample": tok.decode(xs[0].tolist())}
     res["ar"]["entropy_rel_diff"] = abs(res["ar"]["sample_entropy"] - data_entropy) / data_entropy
