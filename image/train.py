@@ -35,12 +35,10 @@ from core.engine.config import register_schema
 from core.engine.run import hydra_entry, prepare
 from core.engine.trainer import Trainer, seed_from
 
+from .data import DATASET_NAMES as DATASETS
 from .model import ImageDiffusion, ImageModelConfig, make_loss
 
 log = logging.getLogger("polydiff.image")
-
-DATASETS = ("fashion_mnist", "mnist5k", "digits", "folder")
-
 
 @dataclass
 class ImageDataConfig:
