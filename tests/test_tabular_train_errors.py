@@ -34,6 +34,16 @@ def _exit_code(monkeypatch, tmp_path, *overrides) -> int:
     return e.value.code
 
 
+def _assert_one_line_exit_2(monkeypatch, tmp_path, capsys, overrides, names) -> None:
+    """``tabular.train data=csv <overrides>`` exits 2 with one line (no traceback) holding every name."""
+    capsys.readouterr()
+    assert _exit_code(monkeypatch, tmp_path, "data=csv", *overrides) == 2, overrides
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    for name in names:
+        assert name in err, (name, err)
+
+
 @pytest.fixture
 def good_csv(tmp_path):
     path = tmp_path / "good.csv"
@@ -52,12 +62,7 @@ def test_bad_user_data_exits_2_with_one_line_naming_it(monkeypatch, tmp_path, go
              ((f"data.path={good_csv}", "data.target=nope", "data.task=regression"), ("'nope'",)),
              ((f"data.path={ragged}",), (str(ragged), "cannot be read"))]
     for overrides, names in cases:
-        capsys.readouterr()
-        assert _exit_code(monkeypatch, tmp_path, "data=csv", *overrides) == 2, overrides
-        err = capsys.readouterr().err
-        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-        for name in names:
-            assert name in err, (name, err)
+        _assert_one_line_exit_2(monkeypatch, tmp_path, capsys, overrides, names)
 
 
 def test_a_valueerror_from_inside_training_is_not_bad_input(monkeypatch, tmp_path, good_csv, capsys):
@@ -122,12 +127,7 @@ def test_a_typo_only_in_the_holdout_exits_2_naming_it(monkeypatch, tmp_path, cap
              ((f"data.path={tmp_path / 'label.csv'}", "data.target=b", "data.task=regression"),
               ("'b'", "regression"))]
     for overrides, names in cases:
-        capsys.readouterr()
-        assert _exit_code(monkeypatch, tmp_path, "data=csv", *overrides) == 2, overrides
-        err = capsys.readouterr().err
-        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-        for name in names:
-            assert name in err, (name, err)
+        _assert_one_line_exit_2(monkeypatch, tmp_path, capsys, overrides, names)
         assert not (tmp_path / "run" / "model").exists()  # refused before any training
 
 
