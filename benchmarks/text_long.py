@@ -50,6 +50,8 @@ def pick(steps: list[int], k: int) -> list[int]:
     """Up to ``k`` of ``steps`` (sorted), evenly spread, always with the last."""
     if len(steps) <= k:
         return steps
+    if k == 1:
+        return steps[-1:]
     idx = {round(i * (len(steps) - 1) / (k - 1)) for i in range(k)}
     return [steps[i] for i in sorted(idx)]
 
@@ -59,9 +61,9 @@ def train(a: argparse.Namespace, models: list[str], out: Path) -> dict:
     procs = {}
     t0 = time.time()
     for k in models:
-        log = open(out / f"{k}.log", "w")
-        procs[k] = subprocess.Popen(train_cmd(k, out / k, a), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+        with open(out / f"{k}.log", "w") as log:  # the child keeps its own descriptor
+            procs[k] = subprocess.Popen(train_cmd(k, out / k, a), cwd=REPO, env=env, stdout=log,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
     stopped: set[str] = set()
     ended: dict[str, float] = {}
     while any(p.poll() is None for p in procs.values()):
@@ -108,8 +110,8 @@ def evaluate(a: argparse.Namespace, models: list[str], out: Path, steps: list[in
                    "--speed-steps", a.speed_steps if s == steps[-1] else "", "--out", str(out / f"eval_{s}.json")]
             for k in models:
                 cmd += [f"--{k}", str(out / k)]
-            running[s] = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(out / f"eval_{s}.log", "w"),
-                                          stderr=subprocess.STDOUT)
+            with open(out / f"eval_{s}.log", "w") as log:
+                running[s] = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         for s, p in list(running.items()):
             if p.poll() is not None:
                 del running[s]
@@ -197,8 +199,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--override", nargs="*", default=[], help="extra text.train overrides for every run")
     a = p.parse_args(argv)
     models = [m for m in a.models.split(",") if m]
+    unknown = [m for m in models if m not in ("sedd", "radd", "ar")]
+    if unknown or len(set(models)) != len(models):
+        p.error(f"--models: a comma-separated subset of sedd,radd,ar without repeats, got {a.models!r}")
     if "ar" not in models:
         p.error("--models must include ar (the scorer and the baseline)")
+    for flag in ("train_seconds", "steps", "ckpt_every", "evals", "eval_parallel", "eval_threads", "val_chunks",
+                 "bound_samples", "num_samples", "sample_steps"):
+        if not getattr(a, flag) > 0:
+            p.error(f"--{flag.replace('_', '-')} must be > 0, got {getattr(a, flag)}")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     summary = {"args": vars(a), "train": train(a, models, out)}

@@ -20,6 +20,16 @@ def test_pick_spreads_and_keeps_the_last():
     assert pick([1, 2, 3], 5) == [1, 2, 3]
     three = pick(list(range(1, 11)), 3)
     assert three[0] == 1 and three[-1] == 10 and three[1] in (5, 6) and pick(list(range(1, 11)), 2) == [1, 10]
+    assert pick([2, 4, 6], 1) == [6]
+
+
+@pytest.mark.parametrize("bad", [["--models", "radd,gpt"], ["--models", "radd"], ["--models", "ar,ar"],
+                                 ["--evals", "0"], ["--train-seconds", "-1"]])
+def test_bad_arguments_exit_2_naming_them(bad, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--out", str(tmp_path), *bad])
+    assert e.value.code == 2 and bad[0] in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # refused before any run starts
 
 
 def test_runs_evaluates_common_steps_and_packs(tmp_path):

@@ -155,3 +155,12 @@ def test_evaluate_with_an_independent_scorer(tmp_path, corpus, radd_run):
     assert res["ar"]["perplexity"] == base["ar"]["perplexity"] and res["radd"]["nll_bound"] == base["radd"]["nll_bound"]
     with pytest.raises(ValueError, match="must be an 'ar' run"):
         main([*args, "--scorer", str(radd_run[0])])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without CUDA")
+def test_evaluate_device_cuda_without_cuda_exits_2(tmp_path, capsys):
+    from text.evaluate import main
+
+    with pytest.raises(SystemExit) as e:  # before any run is read: the path need not exist
+        main(["--ar", str(tmp_path / "absent"), "--device", "cuda"])
+    assert e.value.code == 2 and "--device 'cuda'" in capsys.readouterr().err
