@@ -121,10 +121,17 @@ class TabularDiffusion:
         torch.manual_seed(fc.seed)
         model = CDTD(x_num.shape[1], encoder.cardinalities, self.model_config, props).to(dev)
         self.schema, self.encoder, self.model = schema, encoder, model
-        self._train(torch.from_numpy(x_num), torch.from_numpy(x_cat), torch.from_numpy(observed), gen)
+        levels = None
+        if self.model_config.dequantize and schema.numerical:
+            lo, hi = encoder.level_ranges(df)
+            if (hi > lo).any():
+                levels = (torch.from_numpy(lo), torch.from_numpy(hi - lo))
+        self._train(torch.from_numpy(x_num), torch.from_numpy(x_cat), torch.from_numpy(observed), gen, levels)
         return self
 
-    def _train(self, x_num, x_cat, observed, gen):
+    def _train(self, x_num, x_cat, observed, gen, levels=None):
+        """``levels``: optional (low level, level width) per numerical cell; each batch then draws its
+        scores ``ndtri(low + U * width)`` afresh (dequantised ties) instead of using ``x_num``."""
         fc, model = self.fit_config, self.model
         dev = torch.device(fc.device)
         n = x_num.shape[0]
@@ -150,7 +157,11 @@ class TabularDiffusion:
                 perm, pos = torch.randperm(n, generator=gen), 0
             idx = perm[pos:pos + bs]
             pos += bs
-            loss, stats = model.loss(x_num[idx].to(dev), x_cat[idx].to(dev), observed[idx].to(dev), generator=dgen)
+            xb = x_num[idx]
+            if levels is not None:
+                lo, width = levels[0][idx], levels[1][idx]
+                xb = torch.special.ndtri(lo + width * torch.rand(lo.shape, generator=gen, dtype=lo.dtype)).float()
+            loss, stats = model.loss(xb.to(dev), x_cat[idx].to(dev), observed[idx].to(dev), generator=dgen)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite training loss at step {step}: {stats}")
             opt.zero_grad(set_to_none=True)

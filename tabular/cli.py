@@ -150,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
 
             if args.target and not args.task:
                 raise UsageError("--target needs --task classification|regression")
+            if args.task and not args.target:  # would be ignored: no ML-efficiency score at all
+                raise UsageError(f"--task {args.task} needs --target COLUMN")
             real, holdout = load_csv(args.real), load_csv(args.holdout)
             cats = [c for c in args.categorical.split(",") if c] or None
             schema = infer_schema(real, cats)

@@ -165,12 +165,17 @@ class QuantileNormal:
         n = int(min(n_quantiles, len(x)))
         return cls(np.quantile(x, np.linspace(0.0, 1.0, n)))
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
+    def level_range(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(lowest, highest) quantile level of each value: equal unless the value is tied over
+        several quantiles, clipped to ``[CLIP, 1 - CLIP]``."""
         q = self.quantiles
         up = np.interp(x, q, self.levels)
         down = -np.interp(-x, -q[::-1], -self.levels[::-1])
-        u = np.clip(0.5 * (up + down), self.CLIP, 1 - self.CLIP)
-        return ndtri(u)
+        return np.clip(down, self.CLIP, 1 - self.CLIP), np.clip(up, self.CLIP, 1 - self.CLIP)
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        lo, hi = self.level_range(x)
+        return ndtri(0.5 * (lo + hi))
 
     def inverse(self, z: np.ndarray) -> np.ndarray:
         return np.interp(ndtr(z), self.levels, self.quantiles)
@@ -222,6 +227,19 @@ class TableEncoder:
             raise TabularInputError(f"column {col.name!r} has missing values but had none when the model was fitted")
         z = self.transforms[col.name].forward(np.where(miss, 0.0, x))
         return np.where(miss, 0.0, z), miss
+
+    def level_ranges(self, df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        """Per numerical cell the (low, high) quantile levels of its value (``QuantileNormal.level_range``;
+        a missing cell gets 0.5, 0.5, i.e. the score 0 that :meth:`encode` gives it), each (N, n_num)
+        float64. Uniform draws between them, mapped through the normal quantile function, dequantise
+        tied values; ``encode`` uses the middle."""
+        shape = (len(df), len(self.num_cols))
+        lo, hi = np.full(shape, 0.5), np.full(shape, 0.5)
+        for i, col in enumerate(self.num_cols):
+            x = pd.to_numeric(df[col.name]).to_numpy(np.float64)
+            ok = ~np.isnan(x)
+            lo[ok, i], hi[ok, i] = self.transforms[col.name].level_range(x[ok])
+        return lo, hi
 
     def category_codes(self, df: pd.DataFrame, j: int) -> np.ndarray:
         col, lookup = self.cat_cols[j], self._lookup[j]

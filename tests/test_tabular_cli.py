@@ -143,6 +143,8 @@ def test_cli_report_checks_holdout_and_synthetic_against_the_schema(csv, tmp_pat
                "--task", "regression"], ("'nope'",)),
              (["--holdout", str(tmp_path / "new.csv"), "--synthetic", str(tmp_path / "real.csv"), "--target", "a"],
               ("--target needs --task",)),
+             (["--holdout", str(tmp_path / "new.csv"), "--synthetic", str(tmp_path / "real.csv"), "--task",
+               "regression"], ("--task regression needs --target",)),
              (["--holdout", str(tmp_path / "none.csv"), "--synthetic", str(tmp_path / "real.csv")],
               ("none.csv", "does not exist"))]
     for extra, names in cases:

@@ -460,3 +460,42 @@ def test_ddp_without_find_unused_parameters_runs(tmp_path):
                         ddp(x_num, x_cat, g).backward()
     finally:
         dist.destroy_process_group()
+
+
+def test_dequantize_draws_fresh_scores_inside_each_tied_range(monkeypatch):
+    """dequantize=True: every batch sees new scores for tied values, each inside the value's range of
+    quantile levels (so it decodes to the value itself); a missing cell keeps the score 0 and untied
+    values their fixed score. dequantize=False trains on the fixed middle-of-range scores."""
+    rng = np.random.default_rng(0)
+    n = 300
+    df = pd.DataFrame({"h": np.where(rng.random(n) < 0.5, 40.0, rng.integers(1, 99, n).astype(float)),
+                       "w": rng.normal(size=n), "c": rng.choice(["a", "b"], n)})
+    df.loc[:9, "h"] = np.nan
+    seen = []
+
+    def spy(self, x_num, x_cat, num_observed=None, generator=None):
+        seen.append((x_num.clone(), num_observed.clone()))
+        return orig(self, x_num, x_cat, num_observed, generator)
+
+    orig = CDTD.loss
+    monkeypatch.setattr(CDTD, "loss", spy)
+    kw = dict(TINY, steps=2, batch_size=n, warmup_steps=1)
+    m = TabularDiffusion(dequantize=True, **kw).fit(df, categorical=["c"])
+    (a, obs), (b, _) = seen  # one batch = the whole (permuted) table, twice
+    enc = m.encoder
+    h, w = enc.transforms["h"], enc.transforms["w"]
+    for x, o in ((a, obs), (b, _)):
+        zh = x[:, 0].double().numpy()
+        back = np.round(h.inverse(zh))
+        assert (zh[~o[:, 0].numpy()] == 0).all()
+        decoded = np.sort(back[o[:, 0].numpy()])
+        np.testing.assert_array_equal(decoded, np.sort(df["h"].dropna().to_numpy()))
+    tied = (np.round(h.inverse(a[:, 0].double().numpy())) == 40) & obs[:, 0].numpy()
+    assert tied.sum() > 100 and len(np.unique(a[tied, 0].numpy())) == tied.sum()  # spread, not one point
+    assert not torch.equal(torch.sort(a[:, 0]).values, torch.sort(b[:, 0]).values)  # redrawn per batch
+    np.testing.assert_allclose(np.sort(a[:, 1].numpy()), np.sort(w.forward(df["w"].to_numpy())), rtol=1e-5)
+    seen.clear()
+    TabularDiffusion(dequantize=False, **kw).fit(df, categorical=["c"])
+    (a0, _), (b0, _) = seen
+    assert len(np.unique(a0[:, 0].numpy())) == df["h"].nunique() + 1  # one score per value, plus NaN's 0
+    assert torch.equal(torch.sort(a0[:, 0]).values, torch.sort(b0[:, 0]).values)

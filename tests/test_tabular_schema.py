@@ -3,6 +3,8 @@
 import numpy as np
 import pandas as pd
 import pytest
+from scipy.special import ndtri
+from scipy.stats import kstest
 
 from tabular.data import DATASETS, QuantileNormal, TableEncoder, load_adult, load_diamonds, load_german
 from tabular.schema import MISSING, Schema, category_strings, infer_schema
@@ -123,6 +125,29 @@ def test_quantile_normal_matches_normal_scores():
     inner = (x > x.min()) & (x < x.max())  # the two extremes sit on the clipped tails
     np.testing.assert_allclose(q.inverse(z)[inner], x[inner], rtol=1e-6, atol=1e-9)
     assert abs(q.inverse(z).max() - x.max()) < 1e-3
+
+
+def test_dequantised_ties_round_trip_and_are_normal():
+    """A tied value owns a range of quantile levels; any draw inside it decodes to the value itself,
+    and draws spread uniformly over the ranges are standard normal scores (no point masses), while
+    the middle-of-range encoding piles the spike onto one score."""
+    rng = np.random.default_rng(1)
+    x = np.where(rng.random(20000) < 0.45, 40.0, rng.integers(1, 100, 20000).astype(float))
+    q = QuantileNormal.fit(x)
+    lo, hi = q.level_range(x)
+    spike = x == 40.0
+    assert np.allclose(hi[spike] - lo[spike], hi[spike][0] - lo[spike][0])
+    assert abs((hi[spike][0] - lo[spike][0]) - spike.mean()) < 2e-3  # its width is its frequency
+    u = lo + rng.random(len(x)) * (hi - lo)
+    z = ndtri(u)
+    np.testing.assert_array_equal(np.round(q.inverse(z)), x)
+    assert kstest(z, "norm").statistic < 0.02
+    assert kstest(q.forward(x), "norm").statistic > 0.15
+    np.testing.assert_allclose(q.forward(x), ndtri(0.5 * (lo + hi)))
+    df = pd.DataFrame({"h": x, "c": rng.choice(["a", "b"], len(x))})
+    enc = TableEncoder.fit(df, infer_schema(df, categorical=["c"]))
+    elo, ehi = enc.level_ranges(pd.DataFrame({"h": [40.0, np.nan], "c": ["a", "a"]}))
+    assert elo[0, 0] == lo[spike][0] and ehi[0, 0] == hi[spike][0] and elo[1, 0] == ehi[1, 0] == 0.5
 
 
 def test_shipped_data_sets():
