@@ -68,6 +68,13 @@ class TabularDataConfig:
                 raise ValueError(f"data.path must be an existing CSV file for data.name=csv, got {self.path!r}")
             if self.target is not None and self.task not in ("classification", "regression"):
                 raise ValueError(f"data.task must be 'classification' or 'regression' with data.target, got {self.task!r}")
+            if self.task is not None and self.target is None:
+                raise ValueError(f"data.task={self.task!r} needs data.target (the column to predict)")
+        elif self.target is not None or self.task is not None or self.categorical:
+            spec = DATASETS[self.name]
+            raise ValueError(f"data.target / data.task / data.categorical are for data.name=csv; {self.name!r} "
+                             f"has its own (target {spec.target!r}, task {spec.task!r}), got "
+                             f"{self.target!r} / {self.task!r} / {list(self.categorical)!r}")
         if not 0.0 < self.test_fraction < 1.0:
             raise ValueError(f"data.test_fraction must be in (0, 1), got {self.test_fraction!r}")
         if self.max_train_rows is not None and self.max_train_rows < 10:

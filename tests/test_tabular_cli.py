@@ -72,6 +72,10 @@ def test_config_validation_names_the_bad_value():
         TabularDataConfig(name="nope").validate()
     with pytest.raises(ValueError, match="data.path"):
         TabularDataConfig(name="csv", path="/no/such.csv").validate()
+    with pytest.raises(ValueError, match="data.task='regression' needs data.target"):
+        TabularDataConfig(name="csv", path=__file__, task="regression").validate()
+    with pytest.raises(ValueError, match="'adult' has its own .*'income'"):
+        TabularDataConfig(name="adult", target="age").validate()
     with pytest.raises(ValueError, match="sampler.name"):
         TabularSamplerConfig(name="nope").validate()
     for name in ("time_limit_s", "cpu_time_limit_s"):
