@@ -84,6 +84,10 @@ def test_dcr_copies_versus_fresh_rows(adult):
     assert copies["share_closer_to_train"] > 0.9 and copies["median_dcr_train"] == 0.0
     fresh = dcr(tr, te, te.iloc[:500], schema)
     assert fresh["share_closer_to_train"] < 0.1 and fresh["median_dcr_holdout"] == 0.0
+    # rows from the same population as both sets, in neither: 0.5 within its standard error
+    same = dcr(tr, te.iloc[:500], te.iloc[500:], schema)
+    assert 0.017 < same["share_se"] < 0.0224  # ~0.5 / sqrt(500), less for tied distances
+    assert abs(same["share_closer_to_train"] - 0.5) < 3 * same["share_se"]
 
 
 def test_copula_reproduces_a_gaussian_correlation():
