@@ -157,6 +157,9 @@ def _looks_numeric(s: pd.Series) -> tuple[bool, object]:
     return False, None
 
 
+NUMERIC_TEXT_WARN = 20  # an object column of more distinct numbers than this gets a warning
+
+
 def infer_schema(
     df: pd.DataFrame,
     categorical: list[str] | None = None,
@@ -215,6 +218,13 @@ def infer_schema(
                 raise TabularInputError(f"column {name!r}: value {bad!r} is not a number although the column "
                                  f"otherwise holds numbers; fix it, or declare the column categorical")
             kind = "categorical"
+            if s.dtype == object and name not in categorical:
+                v = s.dropna()
+                k = v.nunique()
+                if k > NUMERIC_TEXT_WARN and pd.to_numeric(v, errors="coerce").notna().all():
+                    warnings.warn(f"column {name!r} holds numbers stored as text ({k} distinct values): it is "
+                                  f"modelled as categorical; pass numerical=[{name!r}] to model it as a number, or "
+                                  f"categorical=[{name!r}] to keep it a category without this warning", stacklevel=2)
         else:
             kind = "categorical" if (binary_as_categorical and s.nunique(dropna=True) <= 2) else "numerical"
 

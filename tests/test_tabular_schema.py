@@ -33,6 +33,24 @@ def test_inference_types():
     assert s2["age"].kind == "categorical" and s2["flag"].kind == "numerical"
 
 
+
+def test_numbers_stored_as_text_warn_and_can_be_declared_numerical():
+    import warnings
+
+    df = mixed_frame(n=60)
+    df["price"] = [f"{v:.2f}" for v in np.random.default_rng(0).normal(100, 10, 60)]  # strings, 60 distinct
+    df["code"] = [str(i % 5) for i in range(60)]  # few distinct codes: a category, no warning
+    with pytest.warns(UserWarning, match="'price' holds numbers stored as text .*numerical=\\['price'\\]"):
+        s = infer_schema(df)
+    assert s["price"].kind == "categorical" and s["code"].kind == "categorical"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        declared = infer_schema(df, numerical=["price"])
+        infer_schema(df, categorical=["price"])
+    assert declared["price"].kind == "numerical" and not declared["price"].integer
+    assert declared["price"].lo == pytest.approx(min(map(float, df["price"])))
+
+
 def test_constant_and_single_category_columns():
     df = mixed_frame()
     df["const"] = 7
