@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from core.engine.ema import EMA
 
 from .data import TableEncoder
-from .model import CDTD, CDTDConfig
+from .model import CDTD, CDTDConfig, check_sampler
 from .schema import MISSING, Schema, TabularInputError, infer_schema
 
 FORMAT_VERSION = 1
@@ -73,10 +73,7 @@ class FitConfig:
         for name in ("time_limit_s", "cpu_time_limit_s"):
             if getattr(self, name) is not None and not getattr(self, name) > 0:
                 bad(name, "must be > 0 or None")
-        from core.samplers import SAMPLERS
-
-        if self.sampler not in SAMPLERS:
-            bad("sampler", f"must be one of {sorted(SAMPLERS)}")
+        check_sampler(self.sampler, "FitConfig.sampler")
 
 
 def _split_kwargs(kwargs: dict) -> tuple[CDTDConfig, FitConfig]:

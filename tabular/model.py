@@ -65,6 +65,19 @@ from core.paths import EDMPath, LinearPath
 from core.samplers import sample as core_sample
 
 R_MAX = 10.0  # guard on the schedule ratio r_f of the sampler (see the module docstring)
+
+
+def check_sampler(name: str, what: str = "sampler") -> None:
+    """Refuse a core sampler CDTD cannot use: unknown, or stochastic. The per-feature schedules enter
+    only the probability-flow ODE (``D'`` below); an SDE sampler would add the reference schedule's
+    noise to every feature (Adult: mean KS 0.26 instead of 0.015)."""
+    from core.samplers import SAMPLERS
+
+    ode = sorted(k for k, v in SAMPLERS.items() if not v.stochastic)
+    if name not in SAMPLERS or SAMPLERS[name].stochastic:
+        why = "is stochastic; CDTD's per-feature noise schedules need an ODE sampler" if name in SAMPLERS \
+            else "is not a core sampler"
+        raise ValueError(f"{what}={name!r} {why}: choose one of {ode} (euler is the paper's and the default)")
 TIMEWARPS = ("single", "bytype", "all")
 DENOISERS = ("mlp", "transformer")
 
@@ -642,8 +655,10 @@ class CDTD(nn.Module):
 
         known_mask (n, F) bool with known_num (n, n_num) / known_cat (n, n_cat): features fixed by
         replacement. Noise at t = 1 is ``sigma_f(1) z`` per feature. ``grid``: ``"uniform_u"`` (equal
-        steps in the schedule's uniform time, default), else anything :func:`core.samplers.sample` takes
-        (a number of steps on its default grid, a grid name through ``grid_kind``, a tensor of times).
+        steps in the schedule's uniform time, default; for Euler only, the other samplers then get
+        their own default grid of ``steps``), else anything :func:`core.samplers.sample` takes (a
+        number of steps on its default grid, a grid name through ``grid_kind``, a tensor of times).
+        ``sampler``: an ODE sampler of :mod:`core.samplers` (:func:`check_sampler`).
         """
         dev = self.logit_init.device
         P = sum(self._sizes)
@@ -658,7 +673,11 @@ class CDTD(nn.Module):
             x0 = torch.cat([known_num.to(dev).float(), x0_cat], 1)
             eps = torch.randn(n, P, generator=generator, device=dev)
             known = {"pmask": self._expand(known_mask.to(dev)), "mask": known_mask.to(dev), "x0": x0, "eps": eps}
-        grid = self.u_grid(steps) if isinstance(grid, str) and grid == "uniform_u" else grid
+        check_sampler(sampler)
+        if isinstance(grid, str) and grid == "uniform_u":
+            # the secant ratio makes Euler exact per feature on this grid; with the derivative ratio
+            # its coarse steps at the ends ruin the other solvers, which get their default grid
+            grid = self.u_grid(steps) if sampler == "euler" else steps
         secant = sampler == "euler" and isinstance(grid, torch.Tensor)
         D = self.make_denoiser(known, forbid, grid if secant else None)
         out, _ = core_sample(sampler, D, path, x, grid=grid, generator=generator, **options)

@@ -42,7 +42,7 @@ from .api import TabularDiffusion
 from .baseline import GaussianCopula
 from .data import DATASETS, load_csv, load_dataset, split_frame
 from .metrics import fidelity_report, plot_report
-from .model import CDTDConfig
+from .model import CDTDConfig, check_sampler
 from .schema import TabularInputError, check_holdout, infer_schema
 
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "tabular"
@@ -90,10 +90,7 @@ class TabularSamplerConfig:
     batch_size: int = 10000
 
     def validate(self) -> None:
-        from core.samplers import SAMPLERS
-
-        if self.name not in SAMPLERS:
-            raise ValueError(f"sampler.name must be one of {sorted(SAMPLERS)}, got {self.name!r}")
+        check_sampler(self.name, "sampler.name")
         if self.steps < 1 or self.batch_size < 1 or (self.n_samples is not None and self.n_samples < 1):
             raise ValueError(f"sampler.steps, sampler.batch_size and sampler.n_samples must be >= 1, got "
                              f"{self.steps}, {self.batch_size}, {self.n_samples}")
