@@ -65,6 +65,8 @@ from core.paths import EDMPath, LinearPath
 from core.samplers import sample as core_sample
 
 R_MAX = 10.0  # guard on the schedule ratio r_f of the sampler (see the module docstring)
+TIMEWARPS = ("single", "bytype", "all")
+DENOISERS = ("mlp", "transformer")
 
 
 def check_sampler(name: str, what: str = "sampler") -> None:
@@ -78,8 +80,6 @@ def check_sampler(name: str, what: str = "sampler") -> None:
         why = "is stochastic; CDTD's per-feature noise schedules need an ODE sampler" if name in SAMPLERS \
             else "is not a core sampler"
         raise ValueError(f"{what}={name!r} {why}: choose one of {ode} (euler is the paper's and the default)")
-TIMEWARPS = ("single", "bytype", "all")
-DENOISERS = ("mlp", "transformer")
 
 
 @dataclass
