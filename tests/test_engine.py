@@ -397,6 +397,62 @@ def train_in_process(out: Path, *overrides: str) -> dict:
 GROUPS = ("model", "data", "path", "loss", "sampler")
 
 
+class _TwoNets(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.c = nn.Linear(3, 2), nn.Linear(3, 2), nn.Linear(3, 1)
+
+    def forward(self, x):
+        return self.a(x).sum() * 5.0, self.b(x).sum() * 50.0, self.c(x).sum() * 0.01
+
+
+def _two_nets_loss(model, x, g):
+    la, lb, lc = model(x)
+    return {"loss": la + lb + lc}
+
+
+@pytest.mark.parametrize("groups", [[], ["a", "b"]])
+def test_grad_clip_groups_clip_each_group_to_the_threshold(tmp_path, groups):
+    """One SGD step (lr 1, no momentum) moves the weights by exactly the clipped gradient: one global
+    norm, or with ``grad_clip_groups`` each named module (and the remaining parameters) on its own."""
+    x = tiny_data(8)
+    ref = _TwoNets()
+    _two_nets_loss(ref, x, None)["loss"].backward()
+    grads = {n: p.grad.clone() for n, p in ref.named_parameters()}
+    cfg = make_cfg(tmp_path, steps=1, batch_size=8, grad_accum=1, optimizer="sgd", momentum=0.0, lr=1.0,
+                   warmup_steps=0, schedule="constant", grad_clip=1.0, ema_decays=[], grad_clip_groups=groups)
+    model = _TwoNets()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    tr = Trainer(model, _two_nets_loss, x, cfg)
+    tr.fit()
+    moved = {n: before[n] - p.detach() for n, p in model.named_parameters()}
+
+    def norm(prefixes):
+        return torch.sqrt(sum(grads[n].square().sum() for n in grads if n.split(".")[0] in prefixes))
+
+    total = norm("abc")
+    for n, d in moved.items():
+        own = n.split(".")[0]
+        scale = norm(own) if groups else total
+        scale = max(float(scale), 1.0)  # clip_grad_norm_ leaves a group under the threshold as it is
+        torch.testing.assert_close(d, grads[n] / scale, rtol=1e-4, atol=1e-6)
+    assert norm("c") < 1.0 < norm("a") < norm("b")  # the remainder group c is below the threshold
+    logged = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["grad_norm"]
+    assert logged == pytest.approx(float(total), rel=1e-5)  # the logged norm is global either way
+
+
+def test_grad_clip_groups_are_checked(tmp_path):
+    x = tiny_data(8)
+    with pytest.raises(ValueError, match=r"grad_clip_groups: 'model_x' names no trainable parameters.*\['a', 'b', 'c'\]"):
+        Trainer(_TwoNets(), _two_nets_loss, x, make_cfg(tmp_path, grad_clip_groups=["model_x"]))
+    from core.engine.config import validate_trainer
+
+    for bad, why in ((["a", "a"], "repeat"), (["a", "a.weight"], "nest"), ([".a"], "module names")):
+        with pytest.raises(ConfigError, match=f"trainer.grad_clip_groups must.*{why}"):
+            validate_trainer(make_cfg(tmp_path, grad_clip_groups=bad), world_size=1)
+
+
 def test_bad_configs_fail_at_start_naming_the_key(tmp_path, monkeypatch):
     from hydra.errors import ConfigCompositionException
 

@@ -74,6 +74,10 @@ class TrainerConfig:
     schedule: str = "constant"
     min_lr_ratio: float = 0.0  # floor of the cosine / linear decay, as a fraction of lr
     grad_clip: float | None = 1.0  # max global grad norm; None or 0 disables clipping
+    # Clip these parameter groups each to grad_clip on their own, as GDSS clips its two networks
+    # (one optimiser each): a group is every parameter whose name starts with "<prefix>."; the
+    # parameters no prefix names form one more group. Empty: one global norm.
+    grad_clip_groups: list[str] = field(default_factory=list)
     ema_decays: list[float] = field(default_factory=lambda: [0.999])
     ema_warmup: bool = False  # decay_n = min(decay, (1 + n) / (10 + n)) for update n
     precision: str = "fp32"
@@ -164,6 +168,15 @@ def validate_trainer(cfg: TrainerConfig, world_size: int | None = None, prefix: 
         _fail(p + "min_lr_ratio", "must be in [0, 1]", cfg.min_lr_ratio)
     if cfg.grad_clip is not None and not (math.isfinite(cfg.grad_clip) and cfg.grad_clip >= 0):
         _fail(p + "grad_clip", "must be None or >= 0", cfg.grad_clip)
+    groups = list(cfg.grad_clip_groups)
+    if any(not isinstance(g, str) or not g or g.startswith(".") or g.endswith(".") for g in groups):
+        _fail(p + "grad_clip_groups", "must hold non-empty module names (no leading/trailing dot)", groups)
+    if len(set(groups)) != len(groups):
+        _fail(p + "grad_clip_groups", "must not repeat a name", groups)
+    for a in groups:
+        for b in groups:
+            if a != b and b.startswith(a + "."):
+                _fail(p + "grad_clip_groups", f"must not nest {b!r} inside {a!r}", groups)
     for d in cfg.ema_decays:
         if not 0.0 < d < 1.0:
             _fail(p + "ema_decays", "must hold decays in (0, 1)", list(cfg.ema_decays))

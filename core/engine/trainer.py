@@ -246,6 +246,7 @@ class Trainer:
         self.raw_model = model.to(self.device)
         self.model, self.ddp = self._wrap(self.raw_model)
         self.optimizer = build_optimizer([p for p in self.model.parameters() if p.requires_grad], cfg)
+        self.clip_groups = self._clip_groups(self.raw_model, list(getattr(cfg, "grad_clip_groups", []) or []))
         total = cfg.steps
 
         def factor(step: int) -> float:
@@ -302,6 +303,24 @@ class Trainer:
         if cfg.compile:
             model = torch.compile(model)
         return model, ddp
+
+    @staticmethod
+    def _clip_groups(raw: nn.Module, prefixes: list[str]) -> list[list[torch.Tensor]]:
+        """Parameters split by ``grad_clip_groups``: one list per prefix, then the rest (if any)."""
+        params = [(n, p) for n, p in raw.named_parameters() if p.requires_grad]
+        if not prefixes:
+            return [[p for _, p in params]]
+        groups: list[list[torch.Tensor]] = [[] for _ in prefixes]
+        rest: list[torch.Tensor] = []
+        for name, p in params:
+            hit = [i for i, pre in enumerate(prefixes) if name.startswith(pre + ".")]
+            (groups[hit[0]] if hit else rest).append(p)
+        for pre, g in zip(prefixes, groups):
+            if not g:
+                names = sorted({n.split(".")[0] for n, _ in params})
+                raise ValueError(f"trainer.grad_clip_groups: {pre!r} names no trainable parameters of the "
+                                 f"model (its top-level modules: {names})")
+        return groups + ([rest] if rest else [])
 
     @property
     def fsdp(self) -> bool:
@@ -587,12 +606,17 @@ class Trainer:
             vals = torch.stack([loss.detach().float()] + [s.detach().float().reshape(()) for s in scalars])
             sums = vals if sums is None else sums + vals
         values_t = D.all_reduce_mean(sums / accum)
-        params = [p for p in self.model.parameters() if p.grad is not None]
         self.scaler.unscale_(self.optimizer)
         max_norm = cfg.grad_clip if cfg.grad_clip else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        if type(norm).__name__ == "DTensor":
-            norm = norm.full_tensor()
+        norms = []
+        for group in self.clip_groups:  # one group (the global norm) unless grad_clip_groups is set
+            params = [p for p in group if p.grad is not None]
+            if not params:
+                continue
+            g_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            norms.append(g_norm.full_tensor() if type(g_norm).__name__ == "DTensor" else g_norm)
+        # The logged norm is the global one before clipping, whatever the grouping.
+        norm = torch.stack([n.float() for n in norms]).square().sum().sqrt() if norms else torch.zeros((), device=self.device)
         host = torch.cat([values_t, norm.detach().float().reshape(1).to(values_t.device)]).tolist()
         values, norm_v = host[:-1], host[-1]
         if not math.isfinite(values[0]):
