@@ -30,6 +30,7 @@ its samples are compared with the folder's images (pass ``root=``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import time
@@ -49,13 +50,25 @@ __all__ = ["evaluate_samples", "classifier_features", "classifier_outputs", "mai
 _REFERENCE_CACHE: dict = {}  # (dataset, root, size, channels, cache_dir, classifier kwargs) -> (classifier, test set, test features)
 
 
+@contextlib.contextmanager
+def _eval_mode(module: torch.nn.Module):
+    """Eval mode inside the block; the module's own train/eval flags (every submodule's) afterwards."""
+    flags = [m.training for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, f in zip(module.modules(), flags):
+            m.training = f
+
+
 @torch.no_grad()
 def classifier_features(clf: ImageClassifier, images: Tensor, batch_size: int = 500) -> Tensor:
-    """Penultimate features ``(N, D)`` of uint8 images ``(N, C, H, W)``."""
-    clf.eval()
+    """Penultimate features ``(N, D)`` of uint8 images ``(N, C, H, W)``; ``clf`` keeps its train/eval mode."""
     dev = next(clf.parameters()).device
-    out = [clf.features(to_model_range(images[s:s + batch_size]).to(dev)).cpu()
-           for s in range(0, len(images), batch_size)]
+    with _eval_mode(clf):
+        out = [clf.features(to_model_range(images[s:s + batch_size]).to(dev)).cpu()
+               for s in range(0, len(images), batch_size)]
     return torch.cat(out).double()
 
 
@@ -68,13 +81,13 @@ def classifier_outputs(clf: ImageClassifier, images: Tensor, batch_size: int = 5
     computed. Bitwise the same as :func:`classifier_features` followed by
     :func:`image.classifier.predict` (same batches, same operations), at about half the cost.
     """
-    clf.eval()
     dev = next(clf.parameters()).device
     feats, preds = [], []
-    for s in range(0, len(images), batch_size):
-        f = clf.features(to_model_range(images[s:s + batch_size]).to(dev))
-        preds.append(clf.head(f).argmax(1).cpu())
-        feats.append(f.cpu())
+    with _eval_mode(clf):
+        for s in range(0, len(images), batch_size):
+            f = clf.features(to_model_range(images[s:s + batch_size]).to(dev))
+            preds.append(clf.head(f).argmax(1).cpu())
+            feats.append(f.cpu())
     if not feats:
         return torch.zeros(0, clf.feature_dim, dtype=torch.float64), torch.zeros(0, dtype=torch.long)
     return torch.cat(feats).double(), torch.cat(preds)

@@ -404,3 +404,22 @@ def test_torchmetrics_fid_names_both_shapes_when_they_differ():
                 torchmetrics_fid(real, fake, ext)
             assert f"real {tuple(real.shape)}" in str(e.value) and f"fake {tuple(fake.shape)}" in str(e.value)
     assert torchmetrics_fid(a, a[:6], ext) >= 0  # equal (C, H, W), different counts: accepted
+
+
+def test_classifier_passes_restore_the_callers_train_mode():
+    """The feature passes run in eval mode (BatchNorm running statistics, equal features for equal images)
+    and hand the classifier back in the mode it came in, submodule by submodule."""
+    from image.evaluate import classifier_features, classifier_outputs
+
+    torch.manual_seed(0)
+    clf = ImageClassifier(1, 10, widths=(4,))
+    clf.stages[0].eval()  # a mixed state the caller chose
+    before = [m.training for m in clf.modules()]
+    images = load_images("digits", "test").images[:6]
+    f1 = classifier_features(clf, images)
+    assert [m.training for m in clf.modules()] == before
+    f2, _ = classifier_outputs(clf, images)
+    assert [m.training for m in clf.modules()] == before and clf.training
+    # eval-mode features do not depend on the batch they sit in (train-mode BatchNorm would)
+    torch.testing.assert_close(classifier_features(clf, images[:3]), f1[:3])
+    torch.testing.assert_close(f1, f2)
