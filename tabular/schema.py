@@ -302,7 +302,8 @@ def check_holdout(schema: Schema, df: pd.DataFrame, target: str | None = None, t
     a boolean column, a category that differs from a training category only in case or surrounding
     spaces ('male' for 'Male'), and a ``target`` class that training never had (``task`` classification:
     train-on-synthetic models can never predict it; Adult's raw test labels '>50K.' are that case). A
-    ``target`` that is not a column, constant, or categorical with ``task`` regression is refused too.
+    ``target`` that is not a column, constant, categorical with ``task`` regression or numerical with
+    ``task`` classification is refused too.
 
     Any other unseen category is normal in real data (Adult's rare native countries, a subsampled
     training table) and is handled by :mod:`tabular.metrics`: gradient boosting sends a category unseen
@@ -324,6 +325,11 @@ def check_holdout(schema: Schema, df: pd.DataFrame, target: str | None = None, t
         if task == "regression" and kind != "numerical":
             raise TabularInputError(f"target {target!r} is {kind} but the task is regression; "
                                     f"use task classification or a numerical target")
+        if task == "classification" and kind == "numerical":
+            # Generated numbers are continuous: their classes would be any value, and the holdout's
+            # classes could not be checked against training's. A label column is a categorical column.
+            raise TabularInputError(f"target {target!r} is numerical but the task is classification; fit it "
+                                    f"as a category (categorical=[..., {target!r}]) or use task regression")
     unseen, new_missing = {}, {}
     for col in schema.columns:
         s = df[col.name]

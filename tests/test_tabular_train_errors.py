@@ -168,6 +168,8 @@ def test_check_holdout_names_what_cannot_be_a_value_of_the_column():
            (edit("y", "maybe"), {"target": "y", "task": "classification"}, "target 'y': class 'maybe'"),
            (edit("y", None), {"target": "y", "task": "classification"}, "target 'y': missing labels"),
            (hold, {"target": "y", "task": "regression"}, "target 'y' is categorical but the task is regression"),
+           (hold, {"target": "a", "task": "classification"},
+            r"target 'a' is numerical but the task is classification; fit it as a category \(categorical="),
            (hold, {"target": "nope", "task": "classification"}, "target 'nope' is not a column"),
            (hold.drop(columns="b"), {}, "holdout: column 'b' of the fitted schema is missing"),
            (hold.assign(c=1), {}, "holdout: column 'c' is not in the fitted schema")]
