@@ -15,7 +15,8 @@
   (MOSES ``FCD/Test``, which GDSS reports).
 
 ``python -m graph.mol_metrics --checkpoint gdss_qm9.pth`` samples a GDSS checkpoint on QM9 and
-writes the metrics, SMILES, SDF and a molecule grid to ``--out``.
+writes the metrics, SMILES, SDF and a molecule grid to ``--out``/``--tag``: it is ``python -m graph.sample
+--official gdss_qm9.pth --data qm9`` under older argument names.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import argparse
 import hashlib
 import json
 import os
-import time
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,7 +32,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from rdkit import Chem
-from tqdm import tqdm
 
 from core.engine.checkpoint import save_checkpoint
 
@@ -354,11 +353,14 @@ def _cached(test_smiles: Sequence[str], kind: str, cache: Path | None = None):
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    from .gdss import gdss_sample, gdss_system
-    from .model import load_gdss_checkpoint
-    from .molecules import load_molecule_dataset
+    """``python -m graph.mol_metrics --checkpoint gdss_qm9.pth``: the QM9 case of ``python -m graph.sample
+    --official CKPT --data qm9`` under this module's older argument names. The arguments are checked here and
+    passed on; the molecules, metrics and files are graph.sample's (``<--out>/<--tag>/``)."""
+    from . import sample
 
-    p = argparse.ArgumentParser(description="Sample a GDSS QM9 checkpoint and compute GDSS's molecule metrics.")
+    p = argparse.ArgumentParser(prog="python -m graph.mol_metrics",
+                                description="Sample an official GDSS QM9 checkpoint and compute GDSS's molecule "
+                                            "metrics (python -m graph.sample --official CKPT --data qm9).")
     p.add_argument("--checkpoint", required=True, help="official GDSS checkpoint (checkpoints/QM9/gdss_qm9.pth)")
     p.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights")
     p.add_argument("--n", type=int, default=1000, help="molecules to sample")
@@ -373,80 +375,25 @@ def main(argv: Sequence[str] | None = None) -> dict:
                    help="folder of the encoded data and the test-set statistics (default: $POLYDIFF_MOL_CACHE, "
                         f"else {DEFAULT_CACHE})")
     p.add_argument("--out", default="outputs/graph/qm9_pretrained")
+    p.add_argument("--tag", default="sample", help="output folder under --out")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
-    if args.cache is None:  # resolved now, not when the module was imported: the environment may change
-        args.cache = str(stats_cache())
     if args.n < 1 or args.batch < 1 or args.steps < 1:
         p.error(f"--n, --batch and --steps must be positive, got {args.n}, {args.batch}, {args.steps}")  # exit 2
-    torch.set_num_threads(args.threads)
-
-    ckpt = load_gdss_checkpoint(args.checkpoint, ema=args.ema)
-    cfg = ckpt["config"]
-    data = load_molecule_dataset("qm9", split_file=args.split_file, cache_dir=args.cache)
-    train_smiles = [data["smiles"][i] for i in data["train_idx"].tolist()]
-    test_smiles = [data["smiles"][i] for i in data["test_idx"].tolist()]
-    t0 = time.time()
-    test_nspdk, test_fcd = _cached(test_smiles, "nspdk", args.cache), _cached(test_smiles, "fcd", args.cache)
-    t_stats = time.time() - t0
-
-    system = gdss_system(cfg["sde"]["x"], cfg["sde"]["adj"])
-    gen = torch.Generator().manual_seed(args.seed)
-    train_flags = data["flags"][data["train_idx"]]
-    xs, adjs, flags_all, nfe = [], [], [], 0
-    options = {"snr": args.snr, "scale_eps": args.scale_eps}
-    if args.solver == "pc":
-        options.update(predictor="reverse_diffusion", corrector="langevin")  # GDSS sample_qm9.yaml
-    bar = tqdm(total=args.steps * -(-args.n // args.batch), desc="sample", mininterval=5.0)
-    t0 = time.time()
-    for start in range(0, args.n, args.batch):
-        b = min(args.batch, args.n - start)
-        flags = train_flags[torch.randint(0, len(train_flags), (b,), generator=gen)]  # GDSS init_flags
-        x, adj, nfe = gdss_sample(
-            ckpt["model_x"],
-            ckpt["model_adj"],
-            system,
-            flags,
-            len(data["atoms"]),
-            solver=args.solver,
-            steps=args.steps,
-            generator=gen,
-            callback=lambda *_: bar.update(1),
-            **options,
-        )
-        xs.append(x)
-        adjs.append(adj)
-        flags_all.append(flags)
-    t_sample = time.time() - t0
-    bar.close()
-    t0 = time.time()
-    res = evaluate_molecules(
-        torch.cat(xs),
-        torch.cat(adjs),
-        torch.cat(flags_all),
-        train_smiles,
-        test_smiles,
-        atoms=data["atoms"],
-        test_nspdk=test_nspdk,
-        test_fcd=test_fcd,
-        canonical_train=True,
-        out_dir=args.out,
-    )
-    res.update(
-        nfe_per_sample=nfe,
-        sample_seconds=round(t_sample, 1),
-        eval_seconds=round(time.time() - t0, 1),
-        test_stats_seconds=round(t_stats, 1),
-        threads=args.threads,
-        split=data["split"],
-        n_train=len(train_smiles),
-        n_test=len(test_smiles),
-        args=vars(args),
-    )
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "metrics.json").write_text(json.dumps(res, indent=2))
-    print(json.dumps(res, indent=2))
-    return res
+    cache = args.cache or str(stats_cache())  # resolved now, not at import: the environment may change
+    forward = ["--official", args.checkpoint, "--data", "qm9", "--ema" if args.ema else "--raw",
+               "--num", str(args.n), "--steps", str(args.steps), "--solver", args.solver, "--snr", str(args.snr),
+               "--scale-eps", str(args.scale_eps), "--seed", str(args.seed), "--out", args.out, "--tag", args.tag,
+               "--threads", str(args.threads), f"sampler.batch_size={args.batch}", f"data.options.cache_dir={cache}"]
+    if args.split_file is not None:
+        forward.append(f"data.options.split_file={args.split_file}")
+    global STATS_CACHE
+    saved = STATS_CACHE
+    STATS_CACHE = Path(cache)  # the test-set statistics go where the encoded data goes
+    try:
+        return sample.main(forward)
+    finally:
+        STATS_CACHE = saved
 
 
 if __name__ == "__main__":

@@ -308,45 +308,44 @@ def test_qm9_architecture_writes_molecules(ref, tmp_path, monkeypatch):
 # ------------------------------------------------------------------------- graph.mol_metrics --checkpoint
 
 
-def test_mol_metrics_cache_follows_the_environment_at_call_time(tiny, tmp_path, monkeypatch):
-    # python -m graph.mol_metrics --checkpoint gdss_qm9.pth: without --cache, the folder of the encoded data and
-    # test-set statistics is $POLYDIFF_MOL_CACHE as it is when the command runs (as for evaluate_molecules).
+def test_mol_metrics_forwards_to_graph_sample_with_the_cache_of_call_time(tmp_path, monkeypatch):
+    # python -m graph.mol_metrics --checkpoint gdss_qm9.pth is graph.sample --official CKPT --data qm9 under the
+    # older names. Without --cache, the folder of the encoded data and the test-set statistics is
+    # $POLYDIFF_MOL_CACHE as it is when the command runs (as for evaluate_molecules).
     pytest.importorskip("rdkit")
     import graph.mol_metrics as mm
-    import graph.molecules
+    import graph.sample
 
     seen = []
 
-    class Stop(Exception):
-        pass
+    def fake_main(argv):
+        seen.append((list(argv), mm.stats_cache()))
+        return {"ok": True}
 
-    def load_molecule_dataset(name, **options):  # the QM9 encoding is not needed to see where it would go
-        seen.append((name, options["cache_dir"]))
-        raise Stop
-
-    monkeypatch.setattr(graph.molecules, "load_molecule_dataset", load_molecule_dataset)
+    monkeypatch.setattr(graph.sample, "main", fake_main)
     monkeypatch.setattr(mm, "STATS_CACHE", None)
-    monkeypatch.setattr(mm, "_TEST_STATS", {})
-    _, path, _, _ = tiny
     monkeypatch.delenv("POLYDIFF_MOL_CACHE", raising=False)
-    with pytest.raises(Stop):
-        mm.main(["--checkpoint", str(path)])
-    assert seen[-1] == ("qm9", mm.DEFAULT_CACHE) and mm.stats_cache() == Path(mm.DEFAULT_CACHE)
+    assert mm.main(["--checkpoint", "ck.pth", "--n", "7", "--batch", "5", "--solver", "s4", "--ema",
+                    "--split-file", "valid.json", "--seed", "3", "--steps", "20"]) == {"ok": True}
+    argv, cache = seen[-1]
+    assert {k: argv[argv.index(k) + 1] for k in ("--official", "--data", "--num", "--solver", "--seed", "--steps")} == {
+        "--official": "ck.pth", "--data": "qm9", "--num": "7", "--solver": "s4", "--seed": "3", "--steps": "20"}
+    assert "--ema" in argv and "--raw" not in argv and "sampler.batch_size=5" in argv
+    assert "data.options.split_file=valid.json" in argv
+    assert f"data.options.cache_dir={mm.DEFAULT_CACHE}" in argv and cache == Path(mm.DEFAULT_CACHE)
+    assert mm.STATS_CACHE is None  # restored after the call
     env = tmp_path / "env_cache"
     monkeypatch.setenv("POLYDIFF_MOL_CACHE", str(env))
-    with pytest.raises(Stop):
-        mm.main(["--checkpoint", str(path)])
-    assert seen[-1] == ("qm9", str(env)) and mm.stats_cache() == env
-    with pytest.raises(Stop):  # an explicit --cache wins
-        mm.main(["--checkpoint", str(path), "--cache", str(tmp_path / "mine")])
-    assert seen[-1] == ("qm9", str(tmp_path / "mine"))
-    # The statistics evaluate_molecules caches land in the same folder.
+    mm.main(["--checkpoint", "ck.pth"])
+    argv, cache = seen[-1]
+    assert f"data.options.cache_dir={env}" in argv and cache == env and "--raw" in argv
+    assert not any(a.startswith("data.options.split_file") for a in argv)
+    mm.main(["--checkpoint", "ck.pth", "--cache", str(tmp_path / "mine")])  # an explicit --cache wins
+    argv, cache = seen[-1]
+    assert f"data.options.cache_dir={tmp_path / 'mine'}" in argv and cache == tmp_path / "mine"
+    # The statistics evaluate_molecules caches land in the environment's folder.
     mm._cached(["CCO", "CCN", "c1ccccc1"], "nspdk")
     assert len(list(env.glob("mol_test_nspdk_*.pt"))) == 1
-    monkeypatch.setattr(mm, "STATS_CACHE", tmp_path / "set")  # a caller's (or test's) setting overrides both
-    with pytest.raises(Stop):
-        mm.main(["--checkpoint", str(path)])
-    assert seen[-1] == ("qm9", str(tmp_path / "set"))
 
 
 # ------------------------------------------------------------------------- the official checkpoints themselves
