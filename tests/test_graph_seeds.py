@@ -184,3 +184,21 @@ def test_bad_input(tiny, tmp_path):
     for argv in (["--seeds", "0"], ["--models", "raw,best"], ["--models", "official"]):
         with pytest.raises(SystemExit):
             main(["--run", str(run), "--out", str(tmp_path / "cli"), *argv])
+
+
+def test_loss_by_noise_scores_every_model_on_the_same_graphs_and_noise(tiny, capsys):
+    # benchmarks.graph_loss_by_noise: the official-format checkpoint holding the run's raw weights gives the
+    # run's raw losses exactly (same graphs, times and noise for every model); the EMA weights differ.
+    from benchmarks.graph_loss_by_noise import BINS
+    from benchmarks.graph_loss_by_noise import main as loss_main
+
+    run, official, _, _, _ = tiny
+    raw = loss_main(["--run", str(run), "--raw", "--official", str(official), "--n", "16"])
+    (run_name, run_rows), (off_name, off_rows) = raw["losses"].items()
+    assert off_name.startswith("official:") and len(run_rows) == len(BINS) and raw["n"] == 16
+    assert run_rows == off_rows and all(math.isfinite(v) and v > 0 for row in run_rows for v in row)
+    ema = loss_main(["--run", str(run), "--n", "16", "--markdown"])
+    assert list(ema["losses"].values())[0] != run_rows
+    assert "| [1e-05, 1] |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        loss_main(["--official", str(official)])  # no run: no data to score on
