@@ -16,7 +16,9 @@
   ``random``/``numpy`` itself if it uses them.
 - Optimiser (AdamW / Adam / SGD), linear warm-up then constant / cosine / linear decay
   (``LambdaLR``), gradient accumulation and clipping, EMA with several decays, bf16 autocast
-  (CPU and CUDA) or fp16 autocast with a ``GradScaler`` (CUDA only).
+  (CPU and CUDA) or fp16 autocast with a ``GradScaler`` (CUDA only). Clipping is of the global
+  gradient norm, or with ``grad_clip_groups`` of each named submodule's norm on its own (a model
+  made of networks that the reference trains with one optimiser each, like GDSS's two).
 - A non-finite loss (or gradient norm, without fp16 scaling) raises :class:`NonFiniteLossError`
   naming the step, before the optimiser touches the weights; no checkpoint is written for it.
 - Every ``ckpt_every`` steps an atomic checkpoint (model, EMA, optimiser, scheduler, scaler,
