@@ -137,6 +137,13 @@ class CDTDConfig:
 # -- learned noise schedule ------------------------------------------------------------------------
 
 
+def _logistic_quantile(logit_mu: torch.Tensor, v: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """``sigmoid(logit mu + logit(u) / v)``, exactly 0 at ``u = 0`` and 1 at ``u = 1`` (``u`` clamped to [0, 1])."""
+    u = u.clamp(0.0, 1.0)
+    s = torch.sigmoid(logit_mu + torch.special.logit(u, eps=1e-12) / v)
+    return torch.where(u == 0.0, torch.zeros_like(s), torch.where(u == 1.0, torch.ones_like(s), s))
+
+
 class LogisticTimewarp(nn.Module):
     """CDTD's time warping with the CDF of a domain-adapted logistic distribution (paper Sec. 4.2).
 
@@ -167,11 +174,20 @@ class LogisticTimewarp(nn.Module):
     def sigma(self, u: torch.Tensor) -> torch.Tensor:
         """Noise level of every feature (B, F) at uniform time ``u`` (B,), float64."""
         m, v, _ = (p.detach().double() for p in self.params())
-        u = u.double().clamp(0.0, 1.0)
-        c = m[self.groups] + torch.special.logit(u, eps=1e-12)[:, None] / v[self.groups]
-        s = torch.sigmoid(c)
-        s = torch.where(u[:, None] == 0.0, torch.zeros_like(s), torch.where(u[:, None] == 1.0, torch.ones_like(s), s))
-        return s * self.sigma_max
+        return _logistic_quantile(m[self.groups], v[self.groups], u.double()[:, None]) * self.sigma_max
+
+    def reference_time(self, u: torch.Tensor) -> torch.Tensor:
+        """The reference schedule's ``sigma / sigma_max`` at uniform times ``u`` (its quantile), float64."""
+        m, v, _ = self.reference()
+        return _logistic_quantile(torch.tensor(m, dtype=torch.float64), torch.tensor(v, dtype=torch.float64), u.double())
+
+    def reference_u(self, t: float) -> float:
+        """Uniform time ``u`` of ``t = sigma_ref / sigma_max`` (the reference schedule's CDF; inverse of
+        :meth:`reference_time`)."""
+        m, v, _ = self.reference()
+        if t <= 0.0 or t >= 1.0:
+            return min(max(t, 0.0), 1.0)
+        return 1.0 / (1.0 + math.exp(-v * (math.log(t / (1 - t)) - m)))
 
     def cdf(self, sigma_scaled: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         m, v, _ = self.params()
@@ -564,19 +580,12 @@ class CDTD(nn.Module):
 
     def u_of_t(self, t: float) -> float:
         """Uniform time ``u`` of sampler time ``t = sigma_ref / sigma_max``: the reference schedule's CDF."""
-        m, v, _ = self.timewarp.reference()
-        if t <= 0.0 or t >= 1.0:
-            return min(max(t, 0.0), 1.0)
-        return 1.0 / (1.0 + math.exp(-v * (math.log(t / (1 - t)) - m)))
+        return self.timewarp.reference_u(t)
 
     def u_grid(self, steps: int) -> torch.Tensor:
         """Sampler times of ``steps`` equal steps in ``u`` from 1 to 0 (the official sampler's grid):
         the network is evaluated at the noise levels it was trained on, never far below them."""
-        m, v, _ = self.timewarp.reference()
-        u = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
-        t = torch.sigmoid(m + torch.logit(u.clamp(1e-12, 1 - 1e-12)) / v)
-        t[0], t[-1] = 1.0, 0.0
-        return t
+        return self.timewarp.reference_time(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64))
 
     def _expand(self, per_feature: torch.Tensor) -> torch.Tensor:
         """(..., F) per feature -> (..., P) per coordinate of the flat state [numerical, embeddings]."""
