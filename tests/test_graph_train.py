@@ -181,3 +181,24 @@ def test_a_users_smiles_file_trains_and_is_evaluated(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="data.options.path="):
         run(tmp_path / "missing", "data=smiles", f"data.options.path={tmp_path / 'missing.smi'}",
             "data.max_node_num=6", "data.max_feat_num=3", "trainer.batch_size=8")
+
+
+@pytest.mark.parametrize("trainer", ["community_small", "qm9", "qm9_cpu", "qm9_cpu_long"])
+def test_gdss_trainer_configs_clip_each_network_on_its_own(trainer):
+    # GDSS clips each network's gradient separately (two optimisers); the shipped recipes name both networks,
+    # and the names are GDSSModel's modules, so the Trainer accepts them.
+    from omegaconf import OmegaConf
+
+    from core.engine import Trainer
+    from core.engine.config import TrainerConfig, to_schema
+    from graph.train import GDSSModel, GraphModelConfig
+
+    cfg = compose(f"trainer={trainer}", "model=qm9")
+    assert list(cfg.trainer.grad_clip_groups) == ["model_x", "model_adj"] and cfg.trainer.grad_clip == 1.0
+    tcfg = to_schema(OmegaConf.to_container(cfg.trainer, resolve=False) | {"out_dir": "unused"}, TrainerConfig,
+                     "trainer")
+    model = GDSSModel(to_schema(OmegaConf.to_container(cfg.model), GraphModelConfig, "model"), 9, 4)
+    groups = Trainer._clip_groups(model, list(tcfg.grad_clip_groups))
+    assert [len(g) for g in groups] == [len(list(model.model_x.parameters())), len(list(model.model_adj.parameters()))]
+    if trainer == "qm9_cpu_long":
+        assert (cfg.trainer.steps, cfg.trainer.batch_size) == (30000, 256)
