@@ -72,6 +72,11 @@ def main(argv: list[str] | None = None) -> dict:
         except ValueError as e:
             p.error(str(e))
         data_cfg = data_cfg or dcfg
+        same = ("name", "max_node_num", "max_feat_num", "options")
+        if any(getattr(dcfg, k) != getattr(data_cfg, k) for k in same):
+            p.error(f"--run {run} was trained on other data ({dcfg.name}, {dcfg.max_node_num} nodes, options "
+                    f"{dict(dcfg.options)}) than --run {a.run[0]} ({data_cfg.name}, {data_cfg.max_node_num} nodes, "
+                    f"options {dict(data_cfg.options)}): the losses would not be comparable")
         models[f"{run.rstrip('/').split('/')[-1]}@{step}"] = m
     data = load_data(data_cfg)
     for ck in a.official:

@@ -202,3 +202,16 @@ def test_loss_by_noise_scores_every_model_on_the_same_graphs_and_noise(tiny, cap
     assert "| [1e-05, 1] |" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         loss_main(["--official", str(official)])  # no run: no data to score on
+    other = run.parent / "run_other_data"  # a run of the same model on other graphs
+    if not other.exists():
+        import shutil
+
+        shutil.copytree(run, other)
+        info = json.loads((other / "run.json").read_text())
+        info["data"]["seed"] = 5
+        info["data"]["options"] = {"note": "other"}
+        (other / "run.json").write_text(json.dumps(info))
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        loss_main(["--run", str(run), "--run", str(other), "--n", "4"])
+    assert "trained on other data" in capsys.readouterr().err
