@@ -33,7 +33,7 @@ from core.engine.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
-from core.engine.config import ConfigError
+from core.engine.config import ConfigError, validate_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -167,6 +167,29 @@ def test_lr_schedule_values(tmp_path):
     tr.fit()
     expected = [0.5 * lr_factor(k, 2, 10, "linear", 0.1) for k in range(10)]
     assert seen[::2] == pytest.approx(expected)  # two micro-steps per step
+
+
+def test_exponential_schedule_matches_torch_exponential_lr(tmp_path):
+    # GDSS decays its lr by gamma per epoch with ExponentialLR; over E one-step epochs that is
+    # schedule=exponential with min_lr_ratio = gamma ** E, step for step.
+    gamma, epochs = 0.97, 40
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.2)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma)
+    ref = []
+    for _ in range(epochs + 1):
+        ref.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    ours = [0.2 * lr_factor(k, 0, epochs, "exponential", gamma**epochs) for k in range(epochs + 1)]
+    assert ours == pytest.approx(ref, rel=1e-12)
+    # after a warm-up the decay spans the remaining steps
+    assert lr_factor(5, 5, 25, "exponential", 0.01) == pytest.approx(1.0)
+    assert lr_factor(15, 5, 25, "exponential", 0.01) == pytest.approx(0.1)
+    # min_lr_ratio 0 cannot be reached geometrically: refused at the config and in the function
+    with pytest.raises(ConfigError, match="min_lr_ratio"):
+        validate_trainer(make_cfg(tmp_path, schedule="exponential", min_lr_ratio=0.0), world_size=1)
+    with pytest.raises(ValueError, match="min_lr_ratio"):
+        lr_factor(3, 0, 10, "exponential", 0.0)
 
 
 # ----------------------------------------------------------------------------- checkpoint files
@@ -446,7 +469,6 @@ def test_grad_clip_groups_are_checked(tmp_path):
     x = tiny_data(8)
     with pytest.raises(ValueError, match=r"grad_clip_groups: 'model_x' names no trainable parameters.*\['a', 'b', 'c'\]"):
         Trainer(_TwoNets(), _two_nets_loss, x, make_cfg(tmp_path, grad_clip_groups=["model_x"]))
-    from core.engine.config import validate_trainer
 
     for bad, why in ((["a", "a"], "repeat"), (["a", "a.weight"], "nest"), ([".a"], "module names")):
         with pytest.raises(ConfigError, match=f"trainer.grad_clip_groups must.*{why}"):

@@ -202,3 +202,17 @@ def test_gdss_trainer_configs_clip_each_network_on_its_own(trainer):
     assert [len(g) for g in groups] == [len(list(model.model_x.parameters())), len(list(model.model_adj.parameters()))]
     if trainer == "qm9_cpu_long":
         assert (cfg.trainer.steps, cfg.trainer.batch_size) == (30000, 256)
+
+
+@pytest.mark.parametrize("trainer,epochs", [("community_small", 5000), ("qm9", 300)])
+def test_gdss_recipes_decay_lr_and_ema_as_gdss(trainer, epochs):
+    # GDSS: ExponentialLR(0.999) stepped once an epoch, and score_sde's EMA with its num_updates warm-up.
+    from core.engine import lr_factor
+
+    t = compose(f"trainer={trainer}", "model=qm9").trainer
+    assert t.schedule == "exponential" and t.ema_warmup and list(t.ema_decays) == [0.999]
+    steps_per_epoch = t.steps / epochs
+    for epoch in (0, 1, epochs // 3, epochs):
+        step = round(epoch * steps_per_epoch)
+        assert lr_factor(step, t.warmup_steps, t.steps, t.schedule, t.min_lr_ratio) == pytest.approx(
+            0.999**epoch, rel=1e-4)

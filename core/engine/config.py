@@ -29,7 +29,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
-SCHEDULES = ("constant", "cosine", "linear")
+SCHEDULES = ("constant", "cosine", "linear", "exponential")
 PRECISIONS = ("fp32", "bf16", "fp16")
 STRATEGIES = ("ddp", "fsdp")
 DEVICES = ("auto", "cpu", "cuda")
@@ -72,7 +72,7 @@ class TrainerConfig:
     momentum: float = 0.9  # sgd only
     warmup_steps: int = 0
     schedule: str = "constant"
-    min_lr_ratio: float = 0.0  # floor of the cosine / linear decay, as a fraction of lr
+    min_lr_ratio: float = 0.0  # end of the cosine / linear / exponential decay, as a fraction of lr
     grad_clip: float | None = 1.0  # max global grad norm; None or 0 disables clipping
     # Clip these parameter groups each to grad_clip on their own, as GDSS clips its two networks
     # (one optimiser each): a group is every parameter whose name starts with "<prefix>."; the
@@ -166,6 +166,9 @@ def validate_trainer(cfg: TrainerConfig, world_size: int | None = None, prefix: 
         _fail(p + "momentum", "must be in [0, 1)", cfg.momentum)
     if not 0.0 <= cfg.min_lr_ratio <= 1.0:
         _fail(p + "min_lr_ratio", "must be in [0, 1]", cfg.min_lr_ratio)
+    if cfg.schedule == "exponential" and cfg.min_lr_ratio <= 0.0:
+        _fail(p + "min_lr_ratio", "must be > 0 for schedule 'exponential' (the decay reaches it geometrically)",
+              cfg.min_lr_ratio)
     if cfg.grad_clip is not None and not (math.isfinite(cfg.grad_clip) and cfg.grad_clip >= 0):
         _fail(p + "grad_clip", "must be None or >= 0", cfg.grad_clip)
     groups = list(cfg.grad_clip_groups)

@@ -95,7 +95,9 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str, min
 
     Linear warm-up ``(step + 1) / warmup_steps`` for the first ``warmup_steps`` steps, then over the
     remaining steps: ``constant`` 1; ``cosine`` ``m + (1 - m) (1 + cos(pi p)) / 2``; ``linear``
-    ``m + (1 - m)(1 - p)`` with ``p = (step - warmup) / (total - warmup)`` and ``m = min_ratio``.
+    ``m + (1 - m)(1 - p)``; ``exponential`` ``m ** p`` (the same factor every step, as
+    ``ExponentialLR``: GDSS's ``0.999`` per epoch over E one-step epochs is ``m = 0.999 ** E``), with
+    ``p = (step - warmup) / (total - warmup)`` and ``m = min_ratio``.
     """
     if step < warmup_steps:
         return (step + 1) / warmup_steps
@@ -106,7 +108,11 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str, min
         return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * p))
     if schedule == "linear":
         return min_ratio + (1.0 - min_ratio) * (1.0 - p)
-    raise ValueError(f"trainer.schedule must be one of constant, cosine, linear, got {schedule!r}")
+    if schedule == "exponential":
+        if min_ratio <= 0.0:
+            raise ValueError(f"trainer.schedule 'exponential' needs trainer.min_lr_ratio > 0, got {min_ratio!r}")
+        return min_ratio**p
+    raise ValueError(f"trainer.schedule must be one of constant, cosine, linear, exponential, got {schedule!r}")
 
 
 def build_optimizer(params, cfg: TrainerConfig) -> torch.optim.Optimizer:
