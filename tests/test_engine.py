@@ -435,6 +435,18 @@ def _two_nets_loss(model, x, g):
     return {"loss": la + lb + lc}
 
 
+def test_grad_clip_groups_name_submodules_and_bare_parameters():
+    model = _TwoNets()
+    model.scale = nn.Parameter(torch.ones(2))
+    model.ab = nn.Linear(2, 2)  # "a" must not take "ab"'s parameters
+    groups = Trainer._clip_groups(model, ["scale", "a"])
+    assert [[id(p) for p in g] for g in groups] == [
+        [id(model.scale)], [id(model.a.weight), id(model.a.bias)],
+        [id(p) for n, p in model.named_parameters() if n.split(".")[0] in ("b", "c", "ab")]]
+    with pytest.raises(ValueError, match="'sc' names no trainable parameters"):
+        Trainer._clip_groups(model, ["sc"])
+
+
 @pytest.mark.parametrize("groups", [[], ["a", "b"]])
 def test_grad_clip_groups_clip_each_group_to_the_threshold(tmp_path, groups):
     """One SGD step (lr 1, no momentum) moves the weights by exactly the clipped gradient: one global

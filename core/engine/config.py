@@ -75,8 +75,8 @@ class TrainerConfig:
     min_lr_ratio: float = 0.0  # end of the cosine / linear / exponential decay, as a fraction of lr
     grad_clip: float | None = 1.0  # max global grad norm; None or 0 disables clipping
     # Clip these parameter groups each to grad_clip on their own, as GDSS clips its two networks
-    # (one optimiser each): a group is every parameter whose name starts with "<prefix>."; the
-    # parameters no prefix names form one more group. Empty: one global norm.
+    # (one optimiser each): a group is every parameter named "<prefix>" or "<prefix>.*" (a submodule, or a
+    # bare nn.Parameter); the parameters no prefix names form one more group. Empty: one global norm.
     grad_clip_groups: list[str] = field(default_factory=list)
     ema_decays: list[float] = field(default_factory=lambda: [0.999])
     ema_warmup: bool = False  # decay_n = min(decay, (1 + n) / (10 + n)) for update n

@@ -321,7 +321,7 @@ class Trainer:
         groups: list[list[torch.Tensor]] = [[] for _ in prefixes]
         rest: list[torch.Tensor] = []
         for name, p in params:
-            hit = [i for i, pre in enumerate(prefixes) if name.startswith(pre + ".")]
+            hit = [i for i, pre in enumerate(prefixes) if name == pre or name.startswith(pre + ".")]
             (groups[hit[0]] if hit else rest).append(p)
         for pre, g in zip(prefixes, groups):
             if not g:
