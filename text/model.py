@@ -202,23 +202,18 @@ class TextModel(nn.Module):
 def make_loss(model_cfg: TextModelConfig):
     """``loss_fn(model, x0, generator) -> {"loss": nats per token, ...}`` for the engine's Trainer."""
 
-    def uniforms(x0: Tensor, generator: torch.Generator) -> Tensor | None:
-        # None: the loss draws its own iid time first (SEDD's draw order, kept for the fixtures)
-        if model_cfg.time_sampling == "stratified":
-            return stratified_uniform(x0.shape[0], generator, x0.device)
-        return None
-
     def loss_fn(model: nn.Module, x0: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
         net: TextModel = getattr(model, "module", model)  # DDP wraps the model
         L = x0.shape[1]
-        u = uniforms(x0, generator)
-        lo = model_cfg.sampling_eps
-        t = None if u is None else (1.0 - lo) * u + lo  # as the losses' own U(sampling_eps, 1) draw
         call = model  # the wrapper, so DDP sees the forward
         if model_cfg.kind == "ar":
             bos = torch.full_like(x0[:, :1], net.vocab_size)
             logits = call(torch.cat([bos, x0[:, :-1]], dim=1)).float()
             return {"loss": F.cross_entropy(logits.flatten(0, 1), x0.flatten())}
+        # iid: u is None and each loss draws its own time first, the draw order of the runs quoted so far
+        u = stratified_uniform(x0.shape[0], generator, x0.device) if model_cfg.time_sampling == "stratified" else None
+        lo = model_cfg.sampling_eps
+        t = None if u is None else (1.0 - lo) * u + lo  # as the losses' own U(sampling_eps, 1) draw
         if model_cfg.kind == "difformer":
             from core.paths import get_path
 
