@@ -183,6 +183,43 @@ def test_stratified_training_times_cut_the_loss_variance(loss):
     assert vs < 0.25 * vi, (vs, vi)
 
 
+class _RecordTimes(nn.Module):
+    """A DDP-like wrapper (``.module``) that records the time argument each forward receives."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module, self.seen = module, []
+
+    def forward(self, x, time=None):
+        self.seen.append(time.detach().double().clone())
+        return self.module(x, time)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("kind", ["sedd", "difformer"])
+def test_stratified_times_reach_the_time_conditioned_models(kind):
+    # SEDD gets sigma(t) and Difformer gets t: with time_sampling=stratified the times map back to one per
+    # stratum of the batch; with iid they do not (16 iid draws fall one per stratum with probability ~1e-6).
+    B = 16
+    x0 = torch.randint(0, 5, (B, 6), generator=torch.Generator().manual_seed(0))
+    for mode in ("stratified", "iid"):
+        cfg = TextModelConfig(kind=kind, dim=16, depth=2, num_heads=2, time_sampling=mode)
+        torch.manual_seed(0)
+        rec = _RecordTimes(TextModel(cfg, 5))
+        make_loss(cfg)(rec, x0, torch.Generator().manual_seed(3))
+        (time,) = rec.seen
+        if kind == "sedd":  # sigma = -log(1 - (1 - eps) t), t = (1 - s_eps) u + s_eps
+            t = -torch.expm1(-time) / (1.0 - cfg.noise_eps)
+            u = (t - cfg.sampling_eps) / (1.0 - cfg.sampling_eps)
+        else:
+            from core.paths import get_path
+
+            path = get_path(cfg.path)
+            u = (time - path.t_min) / (path.t_max - path.t_min)
+        in_own_stratum = bool(((u * B >= torch.arange(B) - 1e-4) & (u * B < torch.arange(B) + 1 + 1e-4)).all())
+        assert in_own_stratum == (mode == "stratified"), (mode, u)
+
+
 def test_sedd_with_normalised_scores_matches_radd_tdce():
     """SEDD's score entropy of the RADD score (normalised probabilities) equals t-DCE term by term."""
     V, B, L = 6, 4, 9
