@@ -15,7 +15,14 @@ Data sets (:data:`GENERATORS`; :func:`load_graph_dataset` builds one with its be
   0.005). SPECTRE's GRAN-like split: 40 test, 128 train, 32 validation, by
   ``torch.utils.data.random_split`` with ``torch.Generator().manual_seed(1234)``.
 - ``ego_small`` (citeseer ego networks) needs the citeseer citation graph, which cannot be downloaded
-  here: :func:`load_graph_dataset` raises a ValueError saying so.
+  here: :func:`load_graph_dataset` raises a ValueError saying so, unless the graphs come from a file.
+
+Graphs from a file (:func:`read_graphs`; ``load_graph_dataset(..., graph_file=path)``): graph6 / sparse6
+(``.g6`` / ``.s6``, one graph a line, networkx's readers) or a pickled list of networkx graphs as GraphRNN
+and GDSS ship their data sets (``.pkl``; e.g. GDSS's ``data/community_small.pkl`` and ``ego_small.pkl``),
+read with an unpickler that admits only ``networkx.Graph`` and plain containers, so nothing pickled is
+executed. The file's graphs replace the generator and get the data set's split; ``split_seed=None`` keeps
+the file order (GDSS: the first 20 % are the test set).
 
 Containers: a list of networkx graphs, torch-geometric ``Data`` / ``Batch`` (or a list of ``Data``), and
 GDSS's dense padded triple ``(x (B, N, F), adj (B, N, N), flags (B, N))``. :func:`to_dense` accepts all
@@ -25,7 +32,9 @@ graphs are GDSS's one-hot degrees (``init="deg"``, :func:`graph.utils.init_featu
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import networkx as nx
 import numpy as np
@@ -41,6 +50,8 @@ __all__ = [
     "planar_graphs",
     "sbm_graphs",
     "load_graph_dataset",
+    "read_graphs",
+    "write_graphs",
     "graph_kind",
     "to_dense",
     "from_dense",
@@ -157,6 +168,92 @@ GENERATORS = {
 }
 
 
+# ------------------------------------------------------------------------------------ graph files
+
+GRAPH6_SUFFIXES = (".g6", ".graph6")
+SPARSE6_SUFFIXES = (".s6", ".sparse6")
+PICKLE_SUFFIXES = (".pkl", ".pickle")
+
+
+class _GraphUnpickler(pickle.Unpickler):
+    """Unpickles lists of networkx graphs (GraphRNN / GDSS data files) and nothing else: a global outside
+    :attr:`ALLOWED` and networkx's view classes (which a graph pickled after ``g.nodes`` was read carries) is
+    refused before it is looked up, so no pickled callable can run."""
+
+    ALLOWED = {("networkx.classes.graph", "Graph"), ("builtins", "dict"), ("builtins", "list"),
+               ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "tuple"), ("builtins", "object"),
+               ("copyreg", "_reconstructor")}  # pickle protocols 0 / 1 rebuild objects with it
+    VIEW_MODULES = ("networkx.classes.reportviews", "networkx.classes.coreviews")
+
+    def find_class(self, module: str, name: str):
+        allowed = (module, name) in self.ALLOWED or (module in self.VIEW_MODULES and not name.startswith("_"))
+        if not allowed:
+            raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}: a graph file may hold only "
+                                         "networkx.Graph objects in lists and dicts")
+        obj = super().find_class(module, name)
+        if module in self.VIEW_MODULES and not isinstance(obj, type):
+            raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}: not a networkx view class")
+        return obj
+
+
+def read_graphs(path: str | Path) -> list[nx.Graph]:
+    """The graphs of a graph6 (``.g6``), sparse6 (``.s6``) or pickle (``.pkl``, a list of ``networkx.Graph``)
+    file, in file order. Node order and labels are kept (:func:`to_dense` follows ``g.nodes``, as GDSS's
+    ``nx.to_numpy_matrix`` does). Raises a ValueError naming the file and graph for what GDSS's model cannot
+    take: an empty file, a directed or multi-graph, a graph without nodes, a self-loop."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"graph file {str(path)!r} does not exist")
+    suffix = path.suffix.lower()
+    if suffix in PICKLE_SUFFIXES:
+        try:
+            with open(path, "rb") as f:
+                obj = _GraphUnpickler(f).load()
+        except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError) as e:
+            raise ValueError(f"graph file {str(path)!r} is not a pickled list of networkx graphs: {e}") from e
+    elif suffix in GRAPH6_SUFFIXES + SPARSE6_SUFFIXES:
+        read = nx.read_graph6 if suffix in GRAPH6_SUFFIXES else nx.read_sparse6
+        try:
+            obj = read(path)
+        except (nx.NetworkXError, ValueError, TypeError, IndexError) as e:
+            raise ValueError(f"graph file {str(path)!r} is not valid {suffix[1:]}: {e}") from e
+    else:
+        raise ValueError(f"graph file {str(path)!r}: unknown suffix {path.suffix!r}; use "
+                         f"{', '.join(GRAPH6_SUFFIXES + SPARSE6_SUFFIXES + PICKLE_SUFFIXES)}")
+    graphs = obj if isinstance(obj, list) else [obj]
+    if not graphs:
+        raise ValueError(f"graph file {str(path)!r} holds no graphs")
+    for i, g in enumerate(graphs):
+        if not isinstance(g, nx.Graph) or g.is_directed() or g.is_multigraph():
+            raise ValueError(f"graph file {str(path)!r}: item {i} is a {type(g).__name__}, not an undirected "
+                             "simple networkx.Graph")
+        if g.number_of_nodes() == 0:
+            raise ValueError(f"graph file {str(path)!r}: graph {i} has no nodes")
+        loops = nx.number_of_selfloops(g)
+        if loops:
+            raise ValueError(f"graph file {str(path)!r}: graph {i} has {loops} self-loop(s), which GDSS's "
+                             "adjacency (zero diagonal) cannot hold; remove them first")
+    return graphs
+
+
+def write_graphs(graphs: list[nx.Graph], path: str | Path) -> Path:
+    """Write ``graphs`` as graph6 (one line each, nodes in ``g.nodes`` order; :func:`read_graphs` reads it
+    back). The file is written to a temporary name and moved into place."""
+    path = Path(path)
+    if path.suffix.lower() not in GRAPH6_SUFFIXES:
+        raise ValueError(f"write_graphs writes graph6; give a path ending in .g6, got {str(path)!r}")
+    lines = []
+    for i, g in enumerate(graphs):
+        if g.is_directed() or g.is_multigraph() or nx.number_of_selfloops(g):
+            raise ValueError(f"graph {i} is not an undirected simple graph without self-loops; graph6 cannot hold it")
+        lines.append(nx.to_graph6_bytes(g, nodes=list(g.nodes), header=False).decode().rstrip("\n"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in lines))
+    tmp.replace(path)
+    return path
+
+
 # ------------------------------------------------------------------------------------ data sets
 
 
@@ -178,26 +275,37 @@ class GraphDataset:
         return max(max((d for _, d in g.degree()), default=0) for g in self.train + self.val + self.test)
 
 
-def load_graph_dataset(name: str, seed: int = 0, split_seed: int = 0, num_graphs: int | None = None,
-                       test_split: float = 0.2) -> GraphDataset:
-    """Generate data set ``name`` from ``seed`` and split it as its benchmark does.
+def load_graph_dataset(name: str, seed: int = 0, split_seed: int | None = 0, num_graphs: int | None = None,
+                       test_split: float = 0.2, graph_file: str | Path | None = None) -> GraphDataset:
+    """Generate data set ``name`` from ``seed`` (or read its graphs from ``graph_file``) and split it as its
+    benchmark does.
 
-    GDSS's data sets (``community_small``, ``grid``): a permutation from ``split_seed`` then the first
-    ``int(test_split * n)`` graphs are the test set, the rest the training set (GDSS takes the first 20 % of its
-    pickle). SPECTRE's (``planar``, ``sbm``): ``random_split`` with generator seed 1234 into 20 % test, then
+    GDSS's data sets (``community_small``, ``grid``, and ``ego_small`` or ``graph_file`` from a file): a
+    permutation from ``split_seed`` (``None``: the generated or file order) then the first
+    ``int(test_split * n)`` graphs are the test set, the rest the training set (GDSS takes the first 20 % of
+    its pickle). SPECTRE's (``planar``, ``sbm``): ``random_split`` with generator seed 1234 into 20 % test, then
     80 % / 20 % of the rest train / validation (``split_seed`` and ``test_split`` are not used).
-    ``num_graphs`` overrides the benchmark's count (not for ``grid``, whose 100 graphs are fixed).
+    ``num_graphs`` overrides the benchmark's count (not for ``grid``, whose 100 graphs are fixed, nor for a file).
     """
-    if name == "ego_small":
+    if graph_file is None and name in ("ego_small", "graph_file"):
+        if name == "graph_file":
+            raise ValueError("data set 'graph_file' needs the path of a graph file (graph_file=...)")
         raise ValueError(
             "ego_small is made of ego networks of the citeseer citation graph, which is not available offline "
-            "(it cannot be downloaded here); use community_small, grid, planar or sbm"
+            "(it cannot be downloaded here); use community_small, grid, planar or sbm, or give the graphs as a "
+            "file (graph_file=..., e.g. GDSS's data/ego_small.pkl)"
         )
-    if name not in GENERATORS:
-        raise ValueError(f"unknown graph data set {name!r}; choose one of {sorted(GENERATORS)}")
+    if name not in GENERATORS and name not in ("ego_small", "graph_file"):
+        raise ValueError(f"unknown graph data set {name!r}; choose one of "
+                         f"{sorted([*GENERATORS, 'ego_small', 'graph_file'])}")
     if not 0.0 < test_split < 1.0:
         raise ValueError(f"test_split must lie in (0, 1), got {test_split!r}")
-    if name == "grid":
+    if graph_file is not None:
+        if num_graphs is not None:
+            raise ValueError(f"num_graphs={num_graphs} applies to generated data sets; a graph file gives its own "
+                             "graphs (num_graphs must be None)")
+        graphs = read_graphs(graph_file)
+    elif name == "grid":
         if num_graphs is not None:
             raise ValueError("the grid data set has its fixed 100 graphs; num_graphs must be None")
         graphs = grid_graphs()
@@ -213,7 +321,10 @@ def load_graph_dataset(name: str, seed: int = 0, split_seed: int = 0, num_graphs
         val = [graphs[i] for i in perm[train_len: n - test_len]]
         test = [graphs[i] for i in perm[n - test_len:]]
         return GraphDataset(name, train=train, test=test, val=val)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(split_seed))).tolist()
+    if split_seed is None:
+        perm = list(range(n))
+    else:
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(split_seed))).tolist()
     test_size = int(test_split * n)
     if test_size < 1 or test_size >= n:
         raise ValueError(f"test_split={test_split} leaves {test_size} of {n} graphs for the test set")

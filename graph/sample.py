@@ -9,7 +9,8 @@
 ``--run``: reads ``<run>/run.json`` (the run's model, data and sampler settings) and the newest checkpoint
 under ``<run>/checkpoints/`` (or ``--ckpt``), regenerates the data set from its seed, samples with the GDSS
 solver and writes ``<run>/<tag>/``: ``metrics.json`` (MMDs against the test split for generic graphs,
-the molecule metrics for molecules), ``samples.png``, ``test.png`` and ``samples.pt``; molecule data also
+the molecule metrics for molecules), ``samples.png``, ``test.png`` and ``samples.pt`` (and ``samples.g6``, graph6,
+for generic graphs); molecule data also
 get ``smiles.txt``, ``molecules.sdf`` and ``grid.png``.
 
 ``--official CKPT --data NAME``: a checkpoint as the official GDSS code saves it

@@ -14,7 +14,8 @@ The engine trains one module, :class:`GDSSModel`, holding ``ScoreNetworkX`` and 
 loss is the sum of GDSS's two losses (:func:`graph.gdss.gdss_loss`). At the end of a finished run the
 model (``sampler.use_ema``: raw weights as GDSS's community-small sampler, or the EMA) generates graphs
 with the GDSS solver, and ``<out_dir>/eval/`` gets ``metrics.json`` (MMDs against the test split),
-``samples.png`` / ``test.png`` (drawings) and ``samples.pt`` (the dense samples).
+``samples.png`` / ``test.png`` (drawings), ``samples.pt`` (the dense samples) and, for generic graphs,
+``samples.g6`` (graph6, one graph a line; :func:`graph.data.read_graphs` or ``networkx.read_graph6`` read it).
 
 Data sets (:data:`DATASETS`): the generic ones of :mod:`graph.data`; ``qm9``, ``moses`` and ``file``
 are read through the molecule module's interface, imported only for them:
@@ -49,7 +50,7 @@ from core.engine.run import hydra_entry, prepare
 from core.engine.trainer import Trainer, seed_from
 from core.system import GaussianSystem
 
-from .data import dense_to_networkx, load_graph_dataset, to_dense
+from .data import dense_to_networkx, load_graph_dataset, to_dense, write_graphs
 from .gdss import SDE_TYPES, gdss_loss, gdss_sample, gdss_system
 from .model import build_network
 from .utils import quantize
@@ -125,12 +126,15 @@ class GraphModelConfig:
 
 @dataclass
 class GraphDataConfig:
-    name: str = "community_small"  # community_small | grid | planar | sbm | qm9 | moses | file
+    name: str = "community_small"  # community_small | grid | planar | sbm | ego_small | graph_file | qm9 | moses | file
     # community_small seed 1: graphs of max degree 9, which fit GDSS's max_feat_num=10 one-hot degrees
     # (GDSS's released pickle has max degree 9; seeds 0, 4, 6, 7 draw a node of degree 10).
     seed: int = 1
-    split_seed: int = 0
+    split_seed: int | None = 0  # None: keep the generated / file order (GDSS's split of its pickles)
     num_graphs: int | None = None  # None: the benchmark's count
+    # generic graphs read from a file (graph6 / sparse6 / a pickled list of networkx graphs, graph.data.read_graphs)
+    # instead of the generator; needed for ego_small and graph_file
+    graph_file: str | None = None
     test_split: float = 0.2
     max_node_num: int = 20
     max_feat_num: int = 10
@@ -139,8 +143,6 @@ class GraphDataConfig:
 
     def validate(self) -> None:
         if self.name not in DATASETS and self.name not in MOLECULE_DATASETS:
-            if self.name == "ego_small":
-                load_graph_dataset("ego_small")  # raises the explanation
             raise ValueError(f"data.name must be one of {sorted(DATASETS) + list(MOLECULE_DATASETS)}, "
                              f"got {self.name!r}")
         if self.init not in ("deg", "ones", "zeros"):
@@ -150,6 +152,17 @@ class GraphDataConfig:
                              f"{self.max_feat_num}")
         if not 0 < self.test_split < 1:
             raise ValueError(f"data.test_split must lie in (0, 1), got {self.test_split!r}")
+        if self.graph_file is not None:
+            if self.name in MOLECULE_DATASETS:
+                raise ValueError(f"data.graph_file is for generic graphs; molecule data sets ({self.name!r}) read "
+                                 "their files through data.options")
+            if not Path(str(self.graph_file)).is_file():
+                raise ValueError(f"data.graph_file={self.graph_file!r} is not a file")
+            if self.num_graphs is not None:
+                raise ValueError(f"data.num_graphs={self.num_graphs} applies to generated data sets, not to "
+                                 f"data.graph_file={self.graph_file!r}")
+        elif self.name in ("ego_small", "graph_file"):
+            load_graph_dataset(self.name)  # raises the explanation: these graphs come only from a file
         if self.options and self.name not in MOLECULE_DATASETS:
             raise ValueError(f"data.options is for molecule data sets only, got {dict(self.options)} for "
                              f"{self.name!r}")
@@ -235,7 +248,7 @@ class GraphData:
 
 def _generic(cfg: GraphDataConfig) -> GraphData:
     ds = load_graph_dataset(cfg.name, seed=cfg.seed, split_seed=cfg.split_seed, num_graphs=cfg.num_graphs,
-                            test_split=cfg.test_split)
+                            test_split=cfg.test_split, graph_file=cfg.graph_file)
     if ds.max_node_num > cfg.max_node_num:
         raise ConfigError(f"data.max_node_num={cfg.max_node_num} is below the largest {cfg.name} graph "
                           f"({ds.max_node_num} nodes)")
@@ -278,6 +291,8 @@ DATASETS: dict[str, Callable[[GraphDataConfig], GraphData]] = {
     "grid": _generic,
     "planar": _generic,
     "sbm": _generic,
+    "ego_small": _generic,  # from a file only (data.graph_file)
+    "graph_file": _generic,  # a user's graphs (data.graph_file)
 }
 
 
@@ -365,7 +380,7 @@ def sample_graphs(model: GDSSModel, sampler: GraphSamplerConfig, steps: int, tra
 def evaluate(model: GDSSModel, data: GraphData, sampler: GraphSamplerConfig, steps: int, out_dir: Path,
              generator: torch.Generator, tag: str = "eval", progress: bool = True) -> dict:
     """Sample, compute the metrics against the test split, write ``<out_dir>/<tag>/`` (metrics.json, PNGs,
-    samples.pt) and return the metrics."""
+    samples.pt, and samples.g6 for generic graphs) and return the metrics."""
     folder = out_dir / tag
     folder.mkdir(parents=True, exist_ok=True)
     num = sampler.num_samples or len(data.test_idx)
@@ -386,6 +401,7 @@ def evaluate(model: GDSSModel, data: GraphData, sampler: GraphSamplerConfig, ste
         from .metrics import evaluate_graphs
 
         gen = dense_to_networkx(quantize(adj), flags)
+        write_graphs(gen, folder / "samples.g6")
         t1 = time.perf_counter()
         metrics.update(evaluate_graphs(data.test_graphs, gen, protocol=sampler.protocol))
         metrics["eval_seconds"] = round(time.perf_counter() - t1, 2)

@@ -13,8 +13,10 @@ from graph.data import (
     grid_graphs,
     load_graph_dataset,
     planar_graphs,
+    read_graphs,
     sbm_graphs,
     to_dense,
+    write_graphs,
 )
 
 
@@ -96,7 +98,7 @@ def test_sbm_graphs_statistics():
 
 
 def test_ego_small_and_bad_names():
-    with pytest.raises(ValueError, match="cannot be downloaded"):
+    with pytest.raises(ValueError, match="cannot be downloaded.*graph_file=.*ego_small.pkl"):
         load_graph_dataset("ego_small")
     with pytest.raises(ValueError, match="unknown graph data set"):
         load_graph_dataset("lobster")
@@ -108,6 +110,91 @@ def test_ego_small_and_bad_names():
 
 def _edges(g):
     return sorted(tuple(sorted(e)) for e in g.edges())
+
+
+def _same_graph(a, b):
+    """Equal node order and adjacency (what to_dense sees), not only isomorphic."""
+    return list(a.nodes) == list(b.nodes) and np.array_equal(nx.to_numpy_array(a), nx.to_numpy_array(b))
+
+
+def test_graph_files_round_trip_graph6_sparse6_and_gdss_pickles(tmp_path):
+    import pickle
+
+    graphs = community_small_graphs(12, seed=2)
+    graphs[3].add_node(99)  # an isolated node survives (graph6 keeps the node count)
+    path = write_graphs(graphs, tmp_path / "g.g6")
+    back = read_graphs(path)
+    assert len(back) == 12 and all(_same_graph(nx.convert_node_labels_to_integers(a), b) for a, b in zip(graphs, back))
+    assert back[3].number_of_nodes() == graphs[3].number_of_nodes() and nx.number_of_isolates(back[3]) >= 1
+    assert back == nx.read_graph6(path) or all(_same_graph(a, b) for a, b in zip(back, nx.read_graph6(path)))
+    s6 = tmp_path / "g.s6"
+    with open(s6, "wb") as f:
+        for g in graphs:
+            nx.write_sparse6(nx.convert_node_labels_to_integers(g), f, header=False)
+    assert all(_same_graph(a, b) for a, b in zip(read_graphs(s6), back))
+    # GraphRNN / GDSS pickles: a list of networkx graphs with arbitrary node labels, read in order, labels kept
+    ego = nx.relabel_nodes(nx.ego_graph(nx.karate_club_graph(), 0, radius=1), lambda v: 1000 + 7 * v)
+    pkl = tmp_path / "g.pkl"
+    pkl.write_bytes(pickle.dumps([*graphs[:5], ego]))
+    got = read_graphs(pkl)
+    assert all(_same_graph(a, b) for a, b in zip([*graphs[:5], ego], got)) and list(got[5].nodes) == list(ego.nodes)
+    # The file's order is the split's order when split_seed is None (GDSS: the first 20 % are the test set)
+    ds = load_graph_dataset("graph_file", split_seed=None, graph_file=path, test_split=0.25)
+    assert len(ds.test) == 3 and all(_same_graph(a, b) for a, b in zip(ds.test + ds.train, back))
+    shuffled = load_graph_dataset("graph_file", split_seed=0, graph_file=path, test_split=0.25)
+    perm = torch.randperm(12, generator=torch.Generator().manual_seed(0)).tolist()
+    assert all(_same_graph(a, back[i]) for a, i in zip(shuffled.test + shuffled.train, perm))
+    ego_ds = load_graph_dataset("ego_small", split_seed=None, graph_file=pkl)  # ego_small: from a file only
+    assert len(ego_ds.test) == 1 and _same_graph(ego_ds.test[0], graphs[0])
+
+
+class _Payload:
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):  # unpickling this would create the file
+        return (open, (str(self.target), "w"))
+
+
+def test_graph_files_refuse_code_and_bad_graphs_naming_them(tmp_path):
+    import pickle
+
+    evil = tmp_path / "evil.pkl"
+    marker = tmp_path / "pwned"
+    evil.write_bytes(pickle.dumps([nx.path_graph(3), _Payload(marker)]))
+    with pytest.raises(ValueError, match=r"evil\.pkl.*refusing to unpickle (io|builtins)\.open"):
+        read_graphs(evil)
+    assert not marker.exists()  # nothing was executed
+    cases = {
+        "directed.pkl": ([nx.DiGraph([(0, 1)])], r"refusing to unpickle networkx\.classes\.digraph\.DiGraph"),
+        "multi.pkl": ([nx.path_graph(2), nx.MultiGraph([(0, 1)])], r"networkx\.classes\.multigraph\.MultiGraph"),
+        "dict.pkl": ([nx.path_graph(2), {"edges": [(0, 1)]}], "item 1 is a dict, not an undirected simple"),
+        "loop.pkl": ([nx.path_graph(3), nx.Graph([(0, 0), (0, 1)])], "graph 1 has 1 self-loop"),
+        "empty_graph.pkl": ([nx.Graph()], "graph 0 has no nodes"),
+        "none.pkl": ([], "holds no graphs"),
+    }
+    for name, (obj, msg) in cases.items():
+        (tmp_path / name).write_bytes(pickle.dumps(obj))
+        with pytest.raises(ValueError, match=msg):
+            read_graphs(tmp_path / name)
+    (tmp_path / "bad.g6").write_text("this is not graph6\n")
+    with pytest.raises(ValueError, match="bad.g6.*not valid g6"):
+        read_graphs(tmp_path / "bad.g6")
+    (tmp_path / "g.txt").write_text("0 1\n")
+    with pytest.raises(ValueError, match="unknown suffix '.txt'"):
+        read_graphs(tmp_path / "g.txt")
+    with pytest.raises(FileNotFoundError, match="nope.g6"):
+        read_graphs(tmp_path / "nope.g6")
+    with pytest.raises(ValueError, match="write_graphs writes graph6"):
+        write_graphs([nx.path_graph(2)], tmp_path / "out.pkl")
+    with pytest.raises(ValueError, match="graph 1 is not an undirected simple graph"):
+        write_graphs([nx.path_graph(2), nx.Graph([(0, 0)])], tmp_path / "out.g6")
+    assert not (tmp_path / "out.g6").exists()
+    with pytest.raises(ValueError, match="needs the path of a graph file"):
+        load_graph_dataset("graph_file")
+    with pytest.raises(ValueError, match="num_graphs=5 applies to generated"):
+        load_graph_dataset("community_small", num_graphs=5, graph_file=write_graphs([nx.path_graph(3)] * 5,
+                                                                                  tmp_path / "five.g6"))
 
 
 def test_networkx_dense_round_trip_and_degree_features():

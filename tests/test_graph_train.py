@@ -61,6 +61,15 @@ def test_train_writes_metrics_and_drawings(full_run):
     adj, flags = samples["adj"], samples["flags"]
     assert adj.shape == (6, 20, 20) and torch.equal(adj, adj.transpose(1, 2))
     assert (adj * (1 - flags[:, :, None])).abs().sum() == 0  # padded nodes have no edges
+    import networkx as nx
+
+    from graph.data import dense_to_networkx, read_graphs
+    from graph.utils import quantize
+
+    g6 = read_graphs(out / "eval" / "samples.g6")  # the same graphs the metrics scored, as graph6
+    want = [nx.convert_node_labels_to_integers(g) for g in dense_to_networkx(quantize(adj), flags)]  # in order
+    assert len(g6) == 6 and all(list(a.nodes) == list(b.nodes) and set(map(frozenset, a.edges)) ==
+                                set(map(frozenset, b.edges)) for a, b in zip(g6, want))
     info = json.loads((out / "run.json").read_text())
     assert info["train_graphs"] == 80 and info["test_graphs"] == 20 and info["model"]["x"] == "ScoreNetworkX"
 
@@ -94,6 +103,11 @@ def test_sample_cli_reproduces_the_run(full_run):
 
 @pytest.mark.parametrize("overrides, match", [
     (("data.name=ego_small",), "cannot be downloaded"),
+    (("data=ego_small",), "cannot be downloaded.*graph_file"),
+    (("data=graph_file",), "needs the path of a graph file"),
+    (("data=graph_file", "data.graph_file=/nonexistent/g.g6"), "data.graph_file='/nonexistent/g.g6' is not a file"),
+    (("data.graph_file=/nonexistent/g.g6",), "data.graph_file="),
+    (("data=qm9", "data.graph_file=/nonexistent/g.g6"), "data.graph_file is for generic graphs"),
     (("data.name=lobster",), "data.name"),
     (("trainer.batch_size=96",), "batch_size"),
     (("model.x=GIN",), "model.x"),
@@ -105,6 +119,34 @@ def test_bad_configs_fail_at_start(tmp_path, overrides, match):
     with pytest.raises(ConfigError, match=match):
         run(tmp_path / "bad", *overrides)
     assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+def test_graphs_from_a_file_train_with_the_files_split(tmp_path):
+    """data=graph_file: a user's graph6 file trains through the same entry point; split_seed=null keeps the
+    file order (GDSS's split of its pickles: the first 20 % are the test set), which run.json records and
+    graph.sample reads back; too small max_node_num / max_feat_num name the value needed."""
+    import networkx as nx
+
+    from graph.data import read_graphs, write_graphs
+    from graph.sample import load_run
+    from graph.train import load_data
+
+    graphs = [nx.cycle_graph(n) for n in range(5, 15)] + [nx.path_graph(n) for n in range(5, 15)]
+    path = write_graphs(graphs, tmp_path / "mine.g6")
+    out = tmp_path / "run"
+    result = run(out, "data=graph_file", f"data.graph_file={path}", "data.split_seed=null", "data.max_node_num=14",
+                 "data.max_feat_num=3")
+    assert result["step"] == 6 and len(read_graphs(out / "eval" / "samples.g6")) == 6
+    info = json.loads((out / "run.json").read_text())
+    assert info["train_graphs"] == 16 and info["test_graphs"] == 4
+    data = load_data(load_run(out)[1])  # what graph.sample and the benchmarks evaluate against
+    assert [g.number_of_nodes() for g in data.test_graphs] == [5, 6, 7, 8]  # the first 20 % of the file
+    assert all(nx.is_isomorphic(g, nx.cycle_graph(g.number_of_nodes())) for g in data.test_graphs)
+    with pytest.raises(ConfigError, match="max_node_num=10 is below the largest graph_file graph \\(14 nodes\\)"):
+        run(tmp_path / "small", "data=graph_file", f"data.graph_file={path}", "data.max_node_num=10")
+    with pytest.raises(ConfigError, match="max_feat_num >= 3"):
+        run(tmp_path / "feat", "data=graph_file", f"data.graph_file={path}", "data.max_node_num=14",
+            "data.max_feat_num=2")
 
 
 def test_molecule_interface(tmp_path, monkeypatch):
