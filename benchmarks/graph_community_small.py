@@ -23,6 +23,11 @@ seeds ``s = seed_start .. seed_start + K - 1`` and reports the spread:
   with the sample size, so compare pooled figures only with the perfect generator's pooled figure, not
   with the published 20-graph numbers).
 
+Sampler settings other than the run's (``--set snr=0.1 --set solver=s4``, :data:`SAMPLER_KEYS`) and the
+training graphs as the reference (``--reference train``; the graphs the model was fitted on, a reference for
+choosing sampler settings without looking at the test graphs; the perfect generator, drawn from the same
+training graphs, is then left out) make the script a sampler sweep.
+
 Writes ``<out>/results.json`` (every chunk's MMDs, the summaries, timings and load) and ``<out>/table.md``,
 and prints the table. Wall and CPU time are measured per model (CPU time of this process: run it with one
 thread, ``--threads 1``, the default).
@@ -70,6 +75,8 @@ __all__ = [
     "paired_differences",
     "markdown_table",
     "run_benchmark",
+    "parse_sampler_set",
+    "SAMPLER_KEYS",
     "main",
 ]
 
@@ -77,6 +84,10 @@ __all__ = [
 PUBLISHED = {"degree": 0.045, "cluster": 0.086, "orbit": 0.007}
 STAT_NAMES = {"degree": "degree", "cluster": "clustering", "orbit": "orbit"}
 MODELS = ("raw", "ema", "official", "perfect")
+REFERENCES = ("test", "train")
+# GraphSamplerConfig fields a sweep may set (``--set KEY=VALUE``), with how the value is read
+SAMPLER_KEYS = {"solver": str, "predictor": str, "corrector": str, "snr": float, "scale_eps": float, "n_steps": int,
+                "noise_removal": bool, "eps": float, "use_ema": bool}
 LABELS = {"raw": "polydiff, raw weights", "ema": "polydiff, EMA weights", "official": "official GDSS checkpoint",
           "perfect": "perfect generator (20 training graphs)"}
 
@@ -159,9 +170,12 @@ def markdown_table(results: dict) -> str:
     stats = [s for s in STAT_NAMES if all(s in m["summary"] for m in models.values())]
     k = results["seeds"]
     head = "| model | " + " | ".join(f"{STAT_NAMES[s]}: mean ± sd (se) | ≤ {PUBLISHED[s]}" for s in stats) + " |"
-    lines = [f"MMD of {results['chunk_size']} graphs against the {results['test_graphs']} test graphs, "
+    ref = results.get("reference", "test")
+    changed = "".join(f", {k}={v}" for k, v in results.get("sampler_set", {}).items())
+    lines = [f"MMD of {results['chunk_size']} graphs against the {results.get('reference_graphs', results['test_graphs'])} "
+             f"{ref} graphs, "
              f"{k} sampling seeds {results['seed_start']}..{results['seed_start'] + k - 1} "
-             f"({results['protocol']} protocol, {results['steps']} steps):", "", head,
+             f"({results['protocol']} protocol, {results['steps']} steps{changed}):", "", head,
              "|---|" + "---|---|" * len(stats)]
     lines.append("| GDSS published (one seed) | " + " | ".join(f"{PUBLISHED[s]} | " for s in stats) + " |")
     for name, m in models.items():
@@ -170,7 +184,7 @@ def markdown_table(results: dict) -> str:
             q = m["summary"][s]
             cells.append(f"{q['mean']:.4f} ± {q['std']:.4f} ({q['sem']:.4f}) | {q['n_le_published']}/{k}")
         lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(cells) + " |")
-    lines += ["", f"Pooled: MMD of all {k} x {results['chunk_size']} graphs against the test graphs:", "",
+    lines += ["", f"Pooled: MMD of all {k} x {results['chunk_size']} graphs against the {ref} graphs:", "",
               "| model | " + " | ".join(STAT_NAMES[s] for s in stats) + " |", "|---|" + "---|" * len(stats)]
     for name, m in models.items():
         lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(f"{m['summary'][s]['pooled']:.4f}" for s in stats)
@@ -190,11 +204,43 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def parse_sampler_set(items: list[str]) -> dict[str, Any]:
+    """``["snr=0.1", "solver=s4"]`` -> ``{"snr": 0.1, "solver": "s4"}`` for :data:`SAMPLER_KEYS`; a ValueError
+    names an unknown key or an unreadable value."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in SAMPLER_KEYS:
+            raise ValueError(f"sampler setting {item!r}: expected KEY=VALUE with KEY one of {sorted(SAMPLER_KEYS)}")
+        kind = SAMPLER_KEYS[key]
+        if kind is bool:
+            if value.lower() not in ("true", "false"):
+                raise ValueError(f"sampler setting {item!r}: {key} takes true or false")
+            out[key] = value.lower() == "true"
+        else:
+            try:
+                out[key] = kind(value)
+            except ValueError:
+                raise ValueError(f"sampler setting {item!r}: {key} takes a {kind.__name__}") from None
+    return out
+
+
 def run_benchmark(run: str | Path, official: str | Path | None = None, seeds: int = 10, seed_start: int = 0,
                   models: tuple[str, ...] = MODELS, steps: int | None = None, chunk_size: int | None = None,
-                  out: str | Path | None = None, progress: bool = True) -> dict:
+                  out: str | Path | None = None, progress: bool = True, sampler_set: dict[str, Any] | None = None,
+                  reference: str = "test") -> dict:
     """Sample and score ``seeds`` chunks per model (see the module docstring); write ``results.json`` and
-    ``table.md`` to ``out`` when given and return the results."""
+    ``table.md`` to ``out`` when given and return the results. ``sampler_set`` overrides the run's sampler
+    settings (:data:`SAMPLER_KEYS`); ``reference`` is ``"test"`` (GDSS's protocol) or ``"train"``."""
+    if reference not in REFERENCES:
+        raise ValueError(f"reference must be one of {list(REFERENCES)}, got {reference!r}")
+    if reference == "train" and "perfect" in models:
+        raise ValueError("the perfect generator draws training graphs; with reference='train' it would score the "
+                         "training graphs against themselves: leave 'perfect' out of models")
+    unknown_keys = set(sampler_set or {}) - set(SAMPLER_KEYS)
+    if unknown_keys:
+        raise ValueError(f"sampler_set: unknown {sorted(unknown_keys)}; choose from {sorted(SAMPLER_KEYS)}")
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds!r}")
     unknown = set(models) - set(MODELS)
@@ -209,10 +255,11 @@ def run_benchmark(run: str | Path, official: str | Path | None = None, seeds: in
     steps = int(steps or run_info["model"]["sde_adj"]["num_scales"])
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps!r}")
+    sampler = dataclasses.replace(sampler, **(sampler_set or {}))
     sampler.validate()
     data = load_data(data_cfg)
-    ref = list(data.test_graphs)
-    size = int(chunk_size or len(ref))
+    ref = list(data.test_graphs) if reference == "test" else _train_graphs(data)
+    size = int(chunk_size or len(data.test_graphs))
     if size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {size!r}")
     # A chunk is sampled in one solver call (as graph.sample does with num_samples <= batch_size).
@@ -222,6 +269,7 @@ def run_benchmark(run: str | Path, official: str | Path | None = None, seeds: in
         "run": str(run), "checkpoint_step": ckpt_step, "official": None if official is None else str(official),
         "data": data.name, "test_graphs": len(ref), "chunk_size": size, "seeds": seeds, "seed_start": seed_start,
         "protocol": sampler.protocol, "steps": steps, "sampler": dataclasses.asdict(sampler),
+        "sampler_set": dict(sampler_set or {}), "reference": reference, "reference_graphs": len(ref),
         "published": PUBLISHED, "threads": torch.get_num_threads(), "models": {},
     }
     for name in models:
@@ -276,11 +324,21 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--chunk-size", type=int, default=None, help="graphs per chunk (default: the test graphs)")
     p.add_argument("--out", default="outputs/graph/community_small_seeds", help="output folder")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"a sampler setting other than the run's, repeatable; KEY one of {', '.join(SAMPLER_KEYS)}")
+    p.add_argument("--reference", choices=REFERENCES, default="test",
+                   help="score against the test graphs (GDSS's protocol) or the training graphs (for choosing sampler "
+                        "settings without the test graphs; leaves the perfect generator out)")
     a = p.parse_args(argv)
+    try:
+        sampler_set = parse_sampler_set(a.set)
+    except ValueError as e:
+        p.error(f"--set: {e}")
     if a.seeds < 1:
         p.error(f"--seeds must be >= 1, got {a.seeds}")
     if a.models is None:
-        models = tuple(m for m in MODELS if m != "official" or a.official is not None)
+        models = tuple(m for m in MODELS if (m != "official" or a.official is not None)
+                       and (m != "perfect" or a.reference == "test"))
     else:
         models = tuple(m.strip() for m in a.models.split(",") if m.strip())
         bad = [m for m in models if m not in MODELS]
@@ -291,7 +349,8 @@ def main(argv: list[str] | None = None) -> dict:
     if a.threads < 1:
         p.error(f"--threads must be >= 1, got {a.threads}")
     torch.set_num_threads(a.threads)
-    results = run_benchmark(a.run, a.official, a.seeds, a.seed_start, models, a.steps, a.chunk_size, a.out)
+    results = run_benchmark(a.run, a.official, a.seeds, a.seed_start, models, a.steps, a.chunk_size, a.out,
+                            sampler_set=sampler_set, reference=a.reference)
     print(markdown_table(results), flush=True)
     print(f"wrote {Path(a.out) / 'results.json'} and {Path(a.out) / 'table.md'}", flush=True)
     return results

@@ -13,9 +13,11 @@ import torch
 from benchmarks.graph_community_small import (
     MODELS,
     PUBLISHED,
+    _train_graphs,
     chunk_mmds,
     main,
     official_model,
+    parse_sampler_set,
     perfect_chunks,
     run_benchmark,
     summarize,
@@ -165,6 +167,48 @@ def test_summarize_by_hand():
     assert s["orbit"]["pooled"] == 0.005 and s["cluster"]["max"] == 0.2
     one = summarize(per[:1], per[0])
     assert one["degree"]["std"] == 0.0 and one["chunks"] == 1
+
+
+def test_sampler_settings_and_the_training_graphs_as_reference(tiny, tmp_path):
+    """A sweep point: ``sampler_set`` changes the sampler the chunks are drawn with (here no corrector: half the
+    NFE, and each chunk is what evaluate gives with that sampler), ``reference="train"`` scores them against
+    the training graphs instead of the test graphs."""
+    import dataclasses
+
+    from graph.data import read_graphs
+    from graph.metrics import evaluate_graphs
+    from graph.sample import load_run
+
+    run, _, _, _, _ = tiny
+    res = run_benchmark(run, seeds=1, seed_start=5, models=("raw",), sampler_set={"corrector": "none"},
+                        reference="train", out=tmp_path / "sweep", progress=False)
+    assert res["models"]["raw"]["nfe"] == STEPS and res["sampler"]["corrector"] == "none"
+    assert res["reference"] == "train" and res["reference_graphs"] == 80 and res["sampler_set"] == {"corrector": "none"}
+    model, data_cfg, sampler, _ = load_run(run)
+    data = load_data(data_cfg)
+    sampler = dataclasses.replace(sampler, max_draw=0, corrector="none")
+    with torch.no_grad():
+        m = evaluate(model, data, sampler, STEPS, tmp_path, torch.Generator().manual_seed(5), tag="s5",
+                     progress=False)
+    on_train = evaluate_graphs(_train_graphs(data), read_graphs(tmp_path / "s5" / "samples.g6"))
+    chunk = res["models"]["raw"]["per_chunk"][0]
+    assert {k: chunk[k] for k in PUBLISHED} == pytest.approx({k: on_train[k] for k in PUBLISHED}, abs=1e-6)
+    assert {k: chunk[k] for k in PUBLISHED} != {k: m[k] for k in PUBLISHED}  # m: against the test graphs
+    assert "against the 80 train graphs" in (tmp_path / "sweep" / "table.md").read_text()
+    assert parse_sampler_set(["snr=0.1", "solver=s4", "noise_removal=false", "n_steps=2"]) == {
+        "snr": 0.1, "solver": "s4", "noise_removal": False, "n_steps": 2}
+    for bad, match in ((["snr"], "KEY=VALUE"), (["seed=3"], "KEY one of"), (["snr=high"], "snr takes a float"),
+                       (["use_ema=yes"], "true or false")):
+        with pytest.raises(ValueError, match=match):
+            parse_sampler_set(bad)
+    with pytest.raises(ValueError, match="perfect generator draws training graphs"):
+        run_benchmark(run, seeds=1, models=("raw", "perfect"), reference="train")
+    with pytest.raises(ValueError, match="reference must be one of"):
+        run_benchmark(run, seeds=1, models=("raw",), reference="holdout")
+    with pytest.raises(ValueError, match="sampler.solver"):
+        run_benchmark(run, seeds=1, models=("raw",), sampler_set={"solver": "ddim"})
+    with pytest.raises(SystemExit):
+        main(["--run", str(run), "--out", str(tmp_path / "cli"), "--set", "snr=high"])
 
 
 def test_bad_input(tiny, tmp_path):
