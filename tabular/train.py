@@ -179,11 +179,14 @@ def run(model_cfg: CDTDConfig, data_cfg: TabularDataConfig, sampler_cfg: Tabular
 
 def summary(report: dict) -> dict:
     """The aggregate numbers of a report, per model (what a person compares)."""
-    keys = ("shape_error", "ks_mean", "tv_mean", "corr_diff", "detection_auc", "mle_gap")
+    keys = ("shape_error", "ks_mean", "tv_mean", "ks_mean_holdout", "tv_mean_holdout", "corr_diff", "detection_auc",
+            "mle_gap")
     out = {name: {k: r.get(k) for k in keys} | {"mle": r.get("mle"), "dcr_share": r["dcr"]["share_closer_to_train"]}
            for name, r in report["models"].items()}
     if "real" in report:
         out["real"] = report["real"]
+    if "holdout_floor" in report:
+        out["holdout_floor"] = report["holdout_floor"]
     return out
 
 

@@ -115,5 +115,22 @@ def test_report_json_and_pngs(adult, tmp_path):
     # an exact copy of training rows has perfect shapes but is flagged by the privacy metric
     assert rep["models"]["copy"]["shape_error"] < rep["models"]["copula"]["shape_error"]
     assert rep["ranking"]["dcr_share_distance_from_0.5"] == "copula"
+    # Marginals against the holdout: the copy of the training rows scores exactly the floor (the training
+    # rows against the holdout, by hand here), and the holdout itself as "synthetic" scores 0 there.
+    num = [c.name for c in schema.columns if c.kind == "numerical"]
+    cat = [c.name for c in schema.columns if c.kind == "categorical"]
+    ks_floor = np.mean([ks_statistic(te[c], tr[c]) for c in num])
+    tv_floor = np.mean([total_variation(te[c], tr[c]) for c in cat])
+    assert rep["holdout_floor"] == {"ks_mean": pytest.approx(ks_floor), "tv_mean": pytest.approx(tv_floor)}
+    assert ks_floor > 0.01 and tv_floor > 0.01  # 400 rows each: visible sampling noise
+    copy = rep["models"]["copy"]
+    assert copy["ks_mean"] == 0 and copy["tv_mean"] == 0
+    assert copy["ks_mean_holdout"] == pytest.approx(ks_floor) and copy["tv_mean_holdout"] == pytest.approx(tv_floor)
+    cop = rep["models"]["copula"]
+    assert cop["ks_mean_holdout"] == pytest.approx(np.mean([cop["columns"][c]["ks_holdout"] for c in num]))
+    assert all(cop["columns"][c]["ks_holdout"] == ks_statistic(te[c], synth["copula"][c]) for c in num)
+    assert {"ks_mean_holdout", "tv_mean_holdout"} <= set(rep["ranking"])
+    held = fidelity_report(tr, te, {"holdout": te}, schema)
+    assert held["models"]["holdout"]["ks_mean_holdout"] == 0 and held["models"]["holdout"]["tv_mean_holdout"] == 0
     paths = plot_report(tr, synth, schema, rep, tmp_path)
     assert all(p.stat().st_size > 10_000 for p in paths)
