@@ -446,7 +446,10 @@ def train(cfg: DictConfig) -> dict:
     out_dir = Path(ctx.trainer.out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     if D.is_main():
-        info = {"model": dataclasses.asdict(model_cfg), "data": dataclasses.asdict(data_cfg),
+        data_info = dataclasses.asdict(data_cfg)
+        if data_cfg.graph_file is not None:  # absolute, so graph.sample --run finds it from any directory
+            data_info["graph_file"] = str(Path(data_cfg.graph_file).resolve())
+        info = {"model": dataclasses.asdict(model_cfg), "data": data_info,
                 "sampler": dataclasses.asdict(sampler), "parameters": sum(p.numel() for p in model.parameters()),
                 "train_graphs": n_train, "test_graphs": len(data.test_idx)}
         atomic_write(out_dir / "run.json", lambda f: f.write(json.dumps(info, indent=1).encode()))

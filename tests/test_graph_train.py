@@ -121,7 +121,7 @@ def test_bad_configs_fail_at_start(tmp_path, overrides, match):
     assert not (tmp_path / "bad" / "checkpoints").exists()
 
 
-def test_graphs_from_a_file_train_with_the_files_split(tmp_path):
+def test_graphs_from_a_file_train_with_the_files_split(tmp_path, monkeypatch):
     """data=graph_file: a user's graph6 file trains through the same entry point; split_seed=null keeps the
     file order (GDSS's split of its pickles: the first 20 % are the test set), which run.json records and
     graph.sample reads back; too small max_node_num / max_feat_num name the value needed."""
@@ -134,8 +134,11 @@ def test_graphs_from_a_file_train_with_the_files_split(tmp_path):
     graphs = [nx.cycle_graph(n) for n in range(5, 15)] + [nx.path_graph(n) for n in range(5, 15)]
     path = write_graphs(graphs, tmp_path / "mine.g6")
     out = tmp_path / "run"
-    result = run(out, "data=graph_file", f"data.graph_file={path}", "data.split_seed=null", "data.max_node_num=14",
+    monkeypatch.chdir(tmp_path)  # a path relative to where training starts ...
+    result = run(out, "data=graph_file", "data.graph_file=mine.g6", "data.split_seed=null", "data.max_node_num=14",
                  "data.max_feat_num=3")
+    monkeypatch.chdir(REPO)  # ... is found again from elsewhere: run.json records it resolved
+    assert json.loads((out / "run.json").read_text())["data"]["graph_file"] == str(path.resolve())
     assert result["step"] == 6 and len(read_graphs(out / "eval" / "samples.g6")) == 6
     info = json.loads((out / "run.json").read_text())
     assert info["train_graphs"] == 16 and info["test_graphs"] == 4
