@@ -250,7 +250,8 @@ def run_benchmark(run: str | Path, official: str | Path | None = None, seeds: in
     steps = int(steps or run_info["model"]["sde_adj"]["num_scales"])
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps!r}")
-    sampler = dataclasses.replace(sampler, **(sampler_set or {}))
+    if sampler_set:  # typed and checked by the sampler schema, as on the command line ("0.1" -> 0.1)
+        sampler = to_schema({**dataclasses.asdict(sampler), **sampler_set}, GraphSamplerConfig, "sampler")
     sampler.validate()
     data = load_data(data_cfg)
     ref = list(data.test_graphs) if reference == "test" else _train_graphs(data)

@@ -207,6 +207,8 @@ def test_sampler_settings_and_the_training_graphs_as_reference(tiny, tmp_path):
         run_benchmark(run, seeds=1, models=("raw",), reference="holdout")
     with pytest.raises(ValueError, match="sampler.solver"):
         run_benchmark(run, seeds=1, models=("raw",), sampler_set={"solver": "ddim"})
+    with pytest.raises(ValueError, match=r"(?s)'lots'.*snr"):  # a Python caller's value is checked too
+        run_benchmark(run, seeds=1, models=("raw",), sampler_set={"snr": "lots"})
     with pytest.raises(SystemExit):
         main(["--run", str(run), "--out", str(tmp_path / "cli"), "--set", "snr=high"])
 
