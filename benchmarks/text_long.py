@@ -37,7 +37,8 @@ def train_cmd(kind: str, out: Path, a: argparse.Namespace) -> list[str]:
             f"trainer.precision={a.precision}", f"trainer.compile={str(a.compile).lower()}",
             f"trainer.ema_decays=[{a.ema}]", "trainer.sample_every=0", f"trainer.ckpt_every={a.ckpt_every}",
             "trainer.keep_last=1000", "trainer.progress=false", "trainer.log_every=500", "trainer.tensorboard=false",
-            f"trainer.device={a.device}", f"trainer.out_dir={out}", f"hydra.run.dir={out}", *a.override]
+            f"trainer.device={a.device}", f"trainer.out_dir={out}", f"hydra.run.dir={out}", *a.override,
+            *(o.split(":", 1)[1] for o in a.model_override if o.split(":", 1)[0] == kind)]
 
 
 def steps_of(run: Path) -> set[int]:
@@ -197,6 +198,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--speed-steps", default="32,128,1024")
     p.add_argument("--pack", default=None)
     p.add_argument("--override", nargs="*", default=[], help="extra text.train overrides for every run")
+    p.add_argument("--model-override", nargs="*", default=[], metavar="KIND:KEY=VALUE",
+                   help="a text.train override for one model only, e.g. ar:model.dropout=0.1 (after --override)")
     a = p.parse_args(argv)
     models = [m for m in a.models.split(",") if m]
     unknown = [m for m in models if m not in ("sedd", "radd", "ar")]
@@ -204,6 +207,10 @@ def main(argv: list[str] | None = None) -> dict:
         p.error(f"--models: a comma-separated subset of sedd,radd,ar without repeats, got {a.models!r}")
     if "ar" not in models:
         p.error("--models must include ar (the scorer and the baseline)")
+    for o in a.model_override:
+        kind, sep, rest = o.partition(":")
+        if not sep or kind not in models or "=" not in rest:
+            p.error(f"--model-override: KIND:KEY=VALUE with KIND one of --models ({','.join(models)}), got {o!r}")
     for flag in ("train_seconds", "steps", "ckpt_every", "evals", "eval_parallel", "eval_threads", "val_chunks",
                  "bound_samples", "num_samples", "sample_steps"):
         if not getattr(a, flag) > 0:

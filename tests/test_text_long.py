@@ -24,7 +24,8 @@ def test_pick_spreads_and_keeps_the_last():
 
 
 @pytest.mark.parametrize("bad", [["--models", "radd,gpt"], ["--models", "radd"], ["--models", "ar,ar"],
-                                 ["--evals", "0"], ["--train-seconds", "-1"]])
+                                 ["--evals", "0"], ["--train-seconds", "-1"],
+                                 ["--model-override", "gpt:model.dropout=0.1"], ["--model-override", "ar-model.dropout"]])
 def test_bad_arguments_exit_2_naming_them(bad, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--out", str(tmp_path), *bad])
@@ -35,7 +36,8 @@ def test_bad_arguments_exit_2_naming_them(bad, tmp_path, capsys):
 def test_runs_evaluates_common_steps_and_packs(tmp_path):
     out, pack = tmp_path / "runs", tmp_path / "pack"
     s = main(["--out", str(out), "--models", "radd,ar", "--train-seconds", "300", "--steps", "12",
-              "--ckpt-every", "6", "--evals", "4", "--eval-parallel", "2", "--pack", str(pack), *TINY])
+              "--ckpt-every", "6", "--evals", "4", "--eval-parallel", "2", "--pack", str(pack), *TINY,
+              "--model-override", "ar:model.dropout=0.1"])
     runs = s["train"]["runs"]
     assert {k: (v["returncode"], v["stopped_by_clock"], v["checkpoints"]) for k, v in runs.items()} == {
         "radd": (0, False, [6, 12]), "ar": (0, False, [6, 12])}
@@ -56,3 +58,5 @@ def test_runs_evaluates_common_steps_and_packs(tmp_path):
     for name, p in model.state_dict().items():
         assert torch.equal(p, ema[name].to(torch.bfloat16).float()), name
     assert info["model"]["kind"] == "radd"
+    # --model-override reaches its model only
+    assert [json.loads((out / k / "run.json").read_text())["model"]["dropout"] for k in ("radd", "ar")] == [0.0, 0.1]

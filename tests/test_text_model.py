@@ -281,6 +281,9 @@ def test_bad_inputs_raise():
         TextModelConfig(kind="gpt").validate()
     with pytest.raises(ValueError, match="num_heads"):
         TextModelConfig(dim=30, num_heads=4).validate()
+    with pytest.raises(ValueError, match=r"model: TransformerConfig.dropout=1.5"):
+        TextModelConfig(dropout=1.5).validate()
+    assert TextModelConfig(dropout=0.1).transformer().dropout == 0.1
     with pytest.raises(ValueError, match="no sigma"):
         radd(torch.zeros(1, 4, dtype=torch.long), torch.ones(1))
     with pytest.raises(ValueError, match="int64"):

@@ -263,6 +263,35 @@ def test_sincos_tables():
         sincos_pos_embed_nd(30, (2, 2))
 
 
+def test_residual_dropout_training_only():
+    """Dropout acts on both residual branches in training only; in eval the net is the same
+    function as the dropout-free net with the same weights (dropout adds no parameters)."""
+    plain, drop = _net(rope_axes=1), _net(rope_axes=1, dropout=0.5)
+    x, c = _inputs(N=8)
+    pos = grid_positions(8)
+    torch.testing.assert_close(drop(x, c, positions=pos), plain(x, c, positions=pos), atol=0, rtol=0)
+    drop.train()
+    torch.manual_seed(0)
+    a = drop(x, c, positions=pos)
+    torch.manual_seed(0)
+    torch.testing.assert_close(drop(x, c, positions=pos), a, atol=0, rtol=0)  # global RNG drives it
+    b = drop(x, c, positions=pos)
+    assert not torch.allclose(a, b, atol=1e-3)
+    assert not torch.allclose(a, plain(x, c, positions=pos), atol=1e-3)
+    # each branch on its own: with the other branch's output projection zeroed, dropout still acts
+    for closed in ("attn", "mlp"):
+        net = _net(rope_axes=1, dropout=0.5).train()
+        with torch.no_grad():
+            for blk in net.blocks:
+                lin = blk.attn.proj if closed == "attn" else blk.mlp.fc2
+                lin.weight.zero_()
+                lin.bias.zero_()
+        outs = [net(x, c, positions=pos) for _ in range(2)]
+        assert not torch.allclose(outs[0], outs[1], atol=1e-3), closed
+    with pytest.raises(ValueError, match="dropout"):
+        TransformerConfig(dim=D, num_heads=H, dropout=1.0)
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="num_heads"):
         TransformerConfig(dim=30, num_heads=4)

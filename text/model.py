@@ -65,6 +65,7 @@ class TextModelConfig:
     # training times (sedd / radd / difformer): "iid" U per sequence, or "stratified" one per stratum
     # [i/B, (i+1)/B) of the batch (MDLM's low-discrepancy sampler): same expectation, lower variance
     time_sampling: str = "iid"
+    dropout: float = 0.0  # residual dropout in every block (training only), as SEDD's DDiT uses 0.1
 
     def validate(self) -> None:
         if self.kind not in KINDS:
@@ -91,7 +92,7 @@ class TextModelConfig:
     def transformer(self) -> TransformerConfig:
         try:
             return TransformerConfig(dim=self.dim, depth=self.depth, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
-                                     rope_axes=1, causal=self.kind == "ar")
+                                     rope_axes=1, causal=self.kind == "ar", dropout=self.dropout)
         except ValueError as e:
             raise ValueError(f"model: {e}") from None
 

@@ -18,7 +18,9 @@ Options, each off by default:
   them, the last blocks see all tokens, the dropped ones replaced by a learned mask token;
 - TREAD routing (Krause et al. 2025): in training, a random fraction ``route_ratio`` of
   tokens skips blocks ``[route_start, route_end)`` and is put back unchanged after them;
-- gradient checkpointing of each block.
+- gradient checkpointing of each block;
+- dropout on both residual branches (attention and MLP outputs, before the gate), as in
+  SEDD's DDiT blocks; active in training only.
 
 The conditioning vector ``c = t_embedder(t) + y_embedder(y) + cond_embedder(cond)`` is
 built by ``TokenTransformer.condition``; the domain's head (e.g. ``FinalLayer``) uses it too.
@@ -65,6 +67,7 @@ class TransformerConfig:
     route_start: int = 0
     route_end: int = 0
     grad_checkpointing: bool = False
+    dropout: float = 0.0  # residual-branch dropout (training only)
 
     def __post_init__(self):
         def bad(name, why):
@@ -81,7 +84,7 @@ class TransformerConfig:
             bad("rope_axes", "must be 0, 1, 2 or 3")
         if self.rope_axes and (self.dim // self.num_heads) % (2 * self.rope_axes):
             bad("rope_axes", f"head_dim={self.dim // self.num_heads} must be divisible by 2 * rope_axes")
-        for name in ("mask_ratio", "route_ratio", "class_dropout_prob"):
+        for name in ("mask_ratio", "route_ratio", "class_dropout_prob", "dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 bad(name, "must be in [0, 1)")
         if self.mask_ratio > 0 and not 1 <= self.mask_decoder_depth <= self.depth:
@@ -183,6 +186,7 @@ class DiTBlock(nn.Module):
         super().__init__()
         D = cfg.dim
         self.eps = cfg.norm_eps
+        self.dropout = cfg.dropout
         self.attn = Attention(D, cfg.num_heads, cfg.qkv_bias, cfg.qk_norm)
         cross = cfg.context_dim > 0
         self.norm_cross = nn.LayerNorm(D, eps=cfg.norm_eps) if cross else None
@@ -196,11 +200,14 @@ class DiTBlock(nn.Module):
         D = x.shape[-1]
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(c)[:, None].chunk(6, -1)
         h = modulate(F.layer_norm(x, (D,), eps=self.eps), shift_msa, scale_msa)
-        x = torch.addcmul(x, gate_msa, self.attn(h, rope, attn_mask, is_causal))
+        p = self.dropout if self.training else 0.0
+        a = self.attn(h, rope, attn_mask, is_causal)
+        x = torch.addcmul(x, gate_msa, F.dropout(a, p, True) if p else a)
         if context is not None:
             x = x + self.cross_attn(self.norm_cross(x), context, context_mask)
         h = modulate(F.layer_norm(x, (D,), eps=self.eps), shift_mlp, scale_mlp)
-        return torch.addcmul(x, gate_mlp, self.mlp(h))
+        m = self.mlp(h)
+        return torch.addcmul(x, gate_mlp, F.dropout(m, p, True) if p else m)
 
 
 class FinalLayer(nn.Module):
