@@ -197,6 +197,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--sample-steps", type=int, default=128)
     p.add_argument("--speed-steps", default="32,128,1024")
     p.add_argument("--pack", default=None)
+    p.add_argument("--resume", action="store_true",
+                   help="let runs whose folder under --out already holds checkpoints go on from them (refused otherwise)")
     p.add_argument("--override", nargs="*", default=[], help="extra text.train overrides for every run")
     p.add_argument("--model-override", nargs="*", default=[], metavar="KIND:KEY=VALUE",
                    help="a text.train override for one model only, e.g. ar:model.dropout=0.1 (after --override)")
@@ -216,6 +218,11 @@ def main(argv: list[str] | None = None) -> dict:
         if not getattr(a, flag) > 0:
             p.error(f"--{flag.replace('_', '-')} must be > 0, got {getattr(a, flag)}")
     out = Path(a.out)
+    stale = [str(out / k) for k in models if steps_of(out / k)]
+    if stale and not a.resume:
+        # text.train resumes from them, under this call's settings: a fresh comparison must not.
+        p.error(f"--out: {', '.join(stale)} already hold checkpoints; pass --resume to go on from them, "
+                "or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     summary = {"args": vars(a), "train": train(a, models, out)}
     common = sorted(set.intersection(*(steps_of(out / k) for k in models)))

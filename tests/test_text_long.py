@@ -33,7 +33,7 @@ def test_bad_arguments_exit_2_naming_them(bad, tmp_path, capsys):
     assert not any(tmp_path.iterdir())  # refused before any run starts
 
 
-def test_runs_evaluates_common_steps_and_packs(tmp_path):
+def test_runs_evaluates_common_steps_and_packs(tmp_path, capsys):
     out, pack = tmp_path / "runs", tmp_path / "pack"
     s = main(["--out", str(out), "--models", "radd,ar", "--train-seconds", "300", "--steps", "12",
               "--ckpt-every", "6", "--evals", "4", "--eval-parallel", "2", "--pack", str(pack), *TINY,
@@ -58,5 +58,9 @@ def test_runs_evaluates_common_steps_and_packs(tmp_path):
     for name, p in model.state_dict().items():
         assert torch.equal(p, ema[name].to(torch.bfloat16).float()), name
     assert info["model"]["kind"] == "radd"
+    # a second call on the same --out is refused (the runs would silently resume) unless --resume
+    with pytest.raises(SystemExit) as e:
+        main(["--out", str(out), "--models", "radd,ar", *TINY])
+    assert e.value.code == 2 and f"{out / 'radd'}, {out / 'ar'} already hold checkpoints" in capsys.readouterr().err
     # --model-override reaches its model only
     assert [json.loads((out / k / "run.json").read_text())["model"]["dropout"] for k in ("radd", "ar")] == [0.0, 0.1]
