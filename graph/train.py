@@ -447,8 +447,12 @@ def train(cfg: DictConfig) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     if D.is_main():
         data_info = dataclasses.asdict(data_cfg)
-        if data_cfg.graph_file is not None:  # absolute, so graph.sample --run finds it from any directory
+        # Files recorded absolute, so graph.sample --run (and the benchmarks) find them from any directory.
+        if data_cfg.graph_file is not None:
             data_info["graph_file"] = str(Path(data_cfg.graph_file).resolve())
+        for key in ("path", "split_file", "cache_dir"):  # molecule loader options naming files or folders
+            if data_info["options"].get(key) is not None:
+                data_info["options"][key] = str(Path(str(data_info["options"][key])).resolve())
         info = {"model": dataclasses.asdict(model_cfg), "data": data_info,
                 "sampler": dataclasses.asdict(sampler), "parameters": sum(p.numel() for p in model.parameters()),
                 "train_graphs": n_train, "test_graphs": len(data.test_idx)}

@@ -200,9 +200,17 @@ def test_a_users_smiles_file_trains_and_is_evaluated(tmp_path, monkeypatch):
     smi.write_text("\n".join(["CCO", "c1ccccc1", "CC(=O)O", "not_a_smiles", "CCN", "COC", "CC(C)O", "OCCO",
                               "CCCC", "C1CC1", "CN", "CC#N", "NCCO", "CCOC", "OC=O", "CC=C"]) + "\n")
     out = tmp_path / "run"
+    monkeypatch.chdir(tmp_path)  # relative paths where training starts ...
     with pytest.warns(UserWarning, match="1 of 16 SMILES are invalid"):
-        result = run(out, "data=smiles", f"data.options.path={smi}", f"data.options.cache_dir={tmp_path / 'c'}",
+        result = run(out, "data=smiles", "data.options.path=my.smi", "data.options.cache_dir=c",
                      "data.max_node_num=6", "data.max_feat_num=3", "trainer.batch_size=8", "sampler.num_samples=6")
+    monkeypatch.chdir(REPO)  # ... are found again from elsewhere: run.json records them resolved
+    options = json.loads((out / "run.json").read_text())["data"]["options"]
+    assert options["path"] == str(smi.resolve()) and options["cache_dir"] == str((tmp_path / "c").resolve())
+    from graph.sample import load_run
+    from graph.train import load_data
+
+    assert load_data(load_run(out)[1]).train_smiles is not None
     metrics = json.loads((out / "eval" / "metrics.json").read_text())
     assert metrics["data"] == "file" and metrics["n_samples"] == 6 and 0.0 <= metrics["validity"] <= 1.0
     assert result["eval"]["n_samples"] == 6
