@@ -20,7 +20,7 @@ from .train import GDSSModel, GraphModelConfig
 __all__ = ["load_official", "official_model"]
 
 
-def load_official(path: str | Path, max_node_num: int, max_feat_num: int,
+def load_official(path: str | Path, max_node_num: int | None, max_feat_num: int | None,
                   ema: bool = False) -> tuple[GDSSModel, GraphModelConfig]:
     """``(model, model config)`` of an official GDSS checkpoint: the model in eval mode with the raw weights
     (``x_state_dict`` / ``adj_state_dict``) or, with ``ema=True``, GDSS's EMA shadows (``ema_x`` / ``ema_adj``),
@@ -28,7 +28,7 @@ def load_official(path: str | Path, max_node_num: int, max_feat_num: int,
     :class:`graph.train.GraphModelConfig` (``sde_adj.num_scales`` is GDSS's number of solver steps).
 
     Raises ``ValueError`` when the file does not exist, holds no GDSS ``model_config``, or was trained for
-    other graph sizes than ``max_node_num`` / ``max_feat_num`` (the data's)."""
+    other graph sizes than ``max_node_num`` / ``max_feat_num`` (the data's; None takes the checkpoint's)."""
     from .model import load_gdss_checkpoint
 
     path = Path(path)
@@ -44,6 +44,8 @@ def load_official(path: str | Path, max_node_num: int, max_feat_num: int,
     if not {"model", "sde", "data"} <= set(cfg):
         raise ValueError(f"{path} holds no GDSS model_config with 'model', 'sde' and 'data' sections")
     sizes = (cfg["data"].get("max_node_num"), cfg["data"].get("max_feat_num"))
+    max_node_num = sizes[0] if max_node_num is None else max_node_num
+    max_feat_num = sizes[1] if max_feat_num is None else max_feat_num
     if sizes != (max_node_num, max_feat_num):
         raise ValueError(f"{path} was trained with max_node_num / max_feat_num = {sizes}, the data has "
                          f"{(max_node_num, max_feat_num)}")

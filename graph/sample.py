@@ -177,6 +177,8 @@ def main(argv: list[str] | None = None) -> dict:
             use_ema = a.ema or (not a.raw and sampler.use_ema)
             # The model before the data: a checkpoint of other sizes fails before QM9 / MOSES are encoded.
             model, model_cfg = load_official(a.official, data_cfg.max_node_num, data_cfg.max_feat_num, ema=use_ema)
+            # a null size in the data config is the checkpoint's (the data must fit it)
+            data_cfg = dataclasses.replace(data_cfg, max_node_num=model.max_node_num, max_feat_num=model.max_feat_num)
         except ValueError as e:
             p.error(str(e))
         num_scales = model_cfg.sde_adj.num_scales

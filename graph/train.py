@@ -136,8 +136,10 @@ class GraphDataConfig:
     # instead of the generator; needed for ego_small and graph_file
     graph_file: str | None = None
     test_split: float = 0.2
-    max_node_num: int = 20
-    max_feat_num: int = 10
+    # None: the data's own (largest graph; max degree + 1 with init=deg, else 1; a molecule set's encoding).
+    # A run records the values used, so its weights load again whatever the data config said.
+    max_node_num: int | None = 20
+    max_feat_num: int | None = 10
     init: str = "deg"  # node features of generic graphs: deg | ones | zeros
     options: dict[str, Any] = field(default_factory=dict)  # molecules: keyword arguments of the loader
 
@@ -147,9 +149,9 @@ class GraphDataConfig:
                              f"got {self.name!r}")
         if self.init not in ("deg", "ones", "zeros"):
             raise ValueError(f"data.init must be 'deg', 'ones' or 'zeros', got {self.init!r}")
-        if self.max_node_num < 1 or self.max_feat_num < 1:
+        if any(v is not None and (isinstance(v, bool) or v < 1) for v in (self.max_node_num, self.max_feat_num)):
             raise ValueError(f"data.max_node_num and data.max_feat_num must be >= 1, got {self.max_node_num}, "
-                             f"{self.max_feat_num}")
+                             f"{self.max_feat_num} (or null: the data's own)")
         if not 0 < self.test_split < 1:
             raise ValueError(f"data.test_split must lie in (0, 1), got {self.test_split!r}")
         if self.graph_file is not None:
@@ -249,10 +251,10 @@ class GraphData:
 def _generic(cfg: GraphDataConfig) -> GraphData:
     ds = load_graph_dataset(cfg.name, seed=cfg.seed, split_seed=cfg.split_seed, num_graphs=cfg.num_graphs,
                             test_split=cfg.test_split, graph_file=cfg.graph_file)
-    if ds.max_node_num > cfg.max_node_num:
+    if cfg.max_node_num is not None and ds.max_node_num > cfg.max_node_num:
         raise ConfigError(f"data.max_node_num={cfg.max_node_num} is below the largest {cfg.name} graph "
                           f"({ds.max_node_num} nodes)")
-    if cfg.init == "deg" and ds.max_degree >= cfg.max_feat_num:
+    if cfg.max_feat_num is not None and cfg.init == "deg" and ds.max_degree >= cfg.max_feat_num:
         raise ConfigError(f"data.max_feat_num={cfg.max_feat_num} cannot one-hot the degrees of {cfg.name} (max "
                           f"degree {ds.max_degree}); set data.max_feat_num >= {ds.max_degree + 1}")
     graphs = ds.train + ds.test  # the validation graphs (SPECTRE) are not used by GDSS's training
@@ -274,7 +276,7 @@ def _molecules(cfg: GraphDataConfig) -> GraphData:
     if missing:
         raise ValueError(f"load_molecule_dataset({cfg.name!r}) returned no {sorted(missing)}")
     x, adj, flags = (torch.as_tensor(out[k]).float() for k in ("x", "adj", "flags"))
-    if adj.shape[-1] != cfg.max_node_num or x.shape[-1] != cfg.max_feat_num:
+    if cfg.max_node_num not in (None, adj.shape[-1]) or cfg.max_feat_num not in (None, x.shape[-1]):
         raise ConfigError(f"data.max_node_num / max_feat_num = {cfg.max_node_num} / {cfg.max_feat_num}, but "
                           f"{cfg.name} has {adj.shape[-1]} nodes and {x.shape[-1]} features")
     tr, te = (torch.as_tensor(out[k], dtype=torch.long) for k in ("train_idx", "test_idx"))
@@ -437,6 +439,8 @@ def train(cfg: DictConfig) -> dict:
     data_cfg: GraphDataConfig = ctx.groups["data"]
     sampler: GraphSamplerConfig = ctx.groups["sampler"]
     data = load_data(data_cfg)
+    # the sizes used (a null max_node_num / max_feat_num is the data's own), as run.json records them
+    data_cfg = dataclasses.replace(data_cfg, max_node_num=data.adj.shape[-1], max_feat_num=data.x.shape[-1])
     n_train = len(data.train_idx)
     if ctx.trainer.batch_size > n_train:
         raise ConfigError(f"trainer.batch_size={ctx.trainer.batch_size} exceeds the {n_train} training graphs of "

@@ -142,6 +142,11 @@ def test_checkpoint_is_read_weights_only_with_its_config(tiny):
            **{f"model_adj.{k}": v for k, v in nets[1].state_dict().items()}}
     got = model.state_dict()
     assert set(got) == set(ref) and all(torch.equal(got[k], v) for k, v in ref.items())
+    auto = official_model(path, None, None)  # null sizes (data=graph_file's default) take the checkpoint's
+    assert (auto.max_node_num, auto.max_feat_num) == (20, 10)
+    assert all(torch.equal(auto.state_dict()[k], v) for k, v in got.items())
+    with pytest.raises(ValueError, match=r"max_node_num / max_feat_num = \(20, 10\), the data has \(20, 9\)"):
+        load_official(path, None, 9)
     ema = official_model(path, 20, 10, ema=True)
     for net, shadow, sub in zip(nets, shadows, (ema.model_x, ema.model_adj)):
         names = [n for n, _ in net.named_parameters()]  # GDSS keeps the shadows in parameters() order

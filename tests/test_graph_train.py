@@ -145,6 +145,13 @@ def test_graphs_from_a_file_train_with_the_files_split(tmp_path, monkeypatch):
     data = load_data(load_run(out)[1])  # what graph.sample and the benchmarks evaluate against
     assert [g.number_of_nodes() for g in data.test_graphs] == [5, 6, 7, 8]  # the first 20 % of the file
     assert all(nx.is_isomorphic(g, nx.cycle_graph(g.number_of_nodes())) for g in data.test_graphs)
+    # data=graph_file's own sizes are null: the file's largest graph and max degree + 1, recorded in run.json
+    auto = tmp_path / "auto"
+    run(auto, "data=graph_file", f"data.graph_file={path}", "trainer.steps=2", "sampler.num_samples=2")
+    recorded = json.loads((auto / "run.json").read_text())["data"]
+    assert (recorded["max_node_num"], recorded["max_feat_num"]) == (14, 3)
+    model, dcfg, _, _ = load_run(auto)
+    assert (model.max_node_num, model.max_feat_num) == (14, 3) and load_data(dcfg).adj.shape[-1] == 14
     with pytest.raises(ConfigError, match="max_node_num=10 is below the largest graph_file graph \\(14 nodes\\)"):
         run(tmp_path / "small", "data=graph_file", f"data.graph_file={path}", "data.max_node_num=10")
     with pytest.raises(ConfigError, match="max_feat_num >= 3"):
@@ -202,11 +209,13 @@ def test_a_users_smiles_file_trains_and_is_evaluated(tmp_path, monkeypatch):
     out = tmp_path / "run"
     monkeypatch.chdir(tmp_path)  # relative paths where training starts ...
     with pytest.warns(UserWarning, match="1 of 16 SMILES are invalid"):
-        result = run(out, "data=smiles", "data.options.path=my.smi", "data.options.cache_dir=c",
-                     "data.max_node_num=6", "data.max_feat_num=3", "trainer.batch_size=8", "sampler.num_samples=6")
+        result = run(out, "data=smiles", "data.options.path=my.smi", "data.options.cache_dir=c",  # sizes: the file's
+                     "trainer.batch_size=8", "sampler.num_samples=6")
     monkeypatch.chdir(REPO)  # ... are found again from elsewhere: run.json records them resolved
     options = json.loads((out / "run.json").read_text())["data"]["options"]
     assert options["path"] == str(smi.resolve()) and options["cache_dir"] == str((tmp_path / "c").resolve())
+    recorded = json.loads((out / "run.json").read_text())["data"]
+    assert (recorded["max_node_num"], recorded["max_feat_num"]) == (6, 3)
     from graph.sample import load_run
     from graph.train import load_data
 
