@@ -49,6 +49,7 @@ __all__ = [
     "clustering_mmd",
     "orbit_mmd",
     "evaluate_graphs",
+    "structure_stats",
 ]
 
 
@@ -327,3 +328,23 @@ def evaluate_graphs(ref, pred, protocol: str = "gdss", methods: Sequence[str] = 
         kernel, sigma = PROTOCOLS[protocol][m]
         out[m] = round(STATS[m](ref, pred, kernel=kernel, sigma=sigma), 6)
     return out
+
+
+def structure_stats(graphs: Sequence[nx.Graph]) -> dict:
+    """Plain structural averages a person can read beside the MMDs: per graph, nodes, edges, triangles,
+    connected components, the share of connected graphs and mean clustering; per node (pooled over all
+    graphs), the shares of isolated nodes and of nodes with clustering coefficient exactly 0 (degree >= 2)
+    and exactly 1. Graphs without nodes are left out (``graphs`` counts the rest). Rounded to 4 digits."""
+    graphs = _nonempty(_check_graphs(graphs, "graphs"))
+    if not graphs:
+        raise ValueError("graphs holds only graphs without nodes")
+    per_graph = np.array([(g.number_of_nodes(), g.number_of_edges(), sum(nx.triangles(g).values()) / 3,
+                           nx.number_connected_components(g), nx.is_connected(g), nx.average_clustering(g))
+                          for g in graphs], dtype=float)
+    deg = np.concatenate([[d for _, d in g.degree()] for g in graphs])
+    clus = np.concatenate([list(nx.clustering(g).values()) for g in graphs])
+    keys = ("nodes", "edges", "triangles", "components", "connected", "clustering")
+    out = {k: float(v) for k, v in zip(keys, per_graph.mean(0))}
+    out.update(isolated_nodes=float(np.mean(deg == 0)), clustering_0_nodes=float(np.mean((clus == 0) & (deg >= 2))),
+               clustering_1_nodes=float(np.mean(clus == 1)), graphs=len(graphs))
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}

@@ -400,7 +400,7 @@ def evaluate(model: GDSSModel, data: GraphData, sampler: GraphSamplerConfig, ste
         metrics.update(evaluate_molecules(x, adj, flags, data.train_smiles, data.test_smiles, out_dir=folder, **kw))
     else:
         from .draw import draw_graphs
-        from .metrics import evaluate_graphs
+        from .metrics import evaluate_graphs, structure_stats
 
         gen = dense_to_networkx(quantize(adj), flags)
         write_graphs(gen, folder / "samples.g6")
@@ -408,6 +408,9 @@ def evaluate(model: GDSSModel, data: GraphData, sampler: GraphSamplerConfig, ste
         metrics.update(evaluate_graphs(data.test_graphs, gen, protocol=sampler.protocol))
         metrics["eval_seconds"] = round(time.perf_counter() - t1, 2)
         metrics["protocol"] = sampler.protocol
+        # plain averages beside the MMDs (components, triangles, clustering shares), the test graphs' alongside
+        metrics["structure"] = structure_stats(gen)
+        metrics["test_structure"] = structure_stats(data.test_graphs)
         if sampler.max_draw:
             draw_graphs(gen, folder / "samples.png", title=f"{data.name}: generated", max_num=sampler.max_draw)
             draw_graphs(data.test_graphs, folder / "test.png", title=f"{data.name}: test", max_num=sampler.max_draw)

@@ -21,6 +21,7 @@ from graph.metrics import (
     orbit_counts_bruteforce,
     orbit_mmd,
     orbit_statistic,
+    structure_stats,
 )
 
 
@@ -124,3 +125,19 @@ def test_statistics_and_errors():
         degree_mmd([g], [np.eye(3)])
     with pytest.raises(ValueError, match="empty"):
         degree_mmd([], [g])
+
+
+def test_structure_stats_by_hand():
+    # K3 + P3 (two components), the star K1,3, two isolated nodes; and a graph without nodes, left out
+    a = nx.disjoint_union(nx.complete_graph(3), nx.path_graph(3))
+    b = nx.star_graph(3)
+    c = nx.empty_graph(2)
+    s = structure_stats([a, b, c, nx.Graph()])
+    assert s == {"nodes": 4.0, "edges": round(8 / 3, 4), "triangles": round(1 / 3, 4), "components": round(5 / 3, 4),
+                 "connected": round(1 / 3, 4), "clustering": round(0.5 / 3, 4), "isolated_nodes": round(2 / 12, 4),
+                 "clustering_0_nodes": round(2 / 12, 4), "clustering_1_nodes": round(3 / 12, 4), "graphs": 3}
+    with pytest.raises(ValueError, match="without nodes"):
+        structure_stats([nx.Graph()])
+    with pytest.raises(TypeError, match=r"graphs\[0\]"):
+        structure_stats([[(0, 1)]])
+

@@ -70,6 +70,10 @@ def test_train_writes_metrics_and_drawings(full_run):
     want = [nx.convert_node_labels_to_integers(g) for g in dense_to_networkx(quantize(adj), flags)]  # in order
     assert len(g6) == 6 and all(list(a.nodes) == list(b.nodes) and set(map(frozenset, a.edges)) ==
                                 set(map(frozenset, b.edges)) for a, b in zip(g6, want))
+    from graph.metrics import structure_stats
+
+    assert metrics["structure"] == structure_stats(g6) and metrics["structure"]["graphs"] == 6
+    assert metrics["test_structure"]["graphs"] == 20 and metrics["test_structure"]["connected"] == 1.0
     info = json.loads((out / "run.json").read_text())
     assert info["train_graphs"] == 80 and info["test_graphs"] == 20 and info["model"]["x"] == "ScoreNetworkX"
 
