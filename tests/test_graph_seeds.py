@@ -157,6 +157,26 @@ def test_perfect_generator_against_itself_is_zero():
     assert chunk_mmds(ref, other)[0][0]["degree"] > 0
 
 
+def test_data_without_published_figures(tiny):
+    """A run on data GDSS publishes no figures for (grid, a user's file) gets the same tables without the
+    published row and counts; ego-small gets GDSS's own figures, not community-small's."""
+    import copy
+
+    from benchmarks.graph_community_small import PUBLISHED_BY_DATA, markdown_table
+
+    _, _, _, res, _ = tiny
+    assert res["published"] == PUBLISHED  # the tiny run is community-small
+    bare = copy.deepcopy(res)
+    bare["published"] = {}
+    for m in bare["models"].values():
+        per = [{k: c[k] for k in PUBLISHED} for c in m["per_chunk"]]
+        m["summary"] = summarize(per, {k: m["summary"][k]["pooled"] for k in PUBLISHED}, {})
+        assert all("n_le_published" not in m["summary"][k] for k in PUBLISHED)
+    table = markdown_table(bare)
+    assert "GDSS published" not in table and "≤ (none)" in table and "≤ 0.045" not in table
+    assert PUBLISHED_BY_DATA["ego_small"] == {"degree": 0.021, "cluster": 0.024, "orbit": 0.007}
+
+
 def test_summarize_by_hand():
     per = [{"degree": 0.01, "cluster": 0.2, "orbit": 0.0}, {"degree": 0.05, "cluster": 0.08, "orbit": 0.007},
            {"degree": 0.03, "cluster": 0.11, "orbit": 0.02}]
