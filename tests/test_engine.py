@@ -271,6 +271,23 @@ def test_resume_is_bit_identical(tmp_path, as_dataset):
     assert [json.loads(ln)["step"] for ln in lines] == [2, 4, 6, 7, 8, 10, 12, 14]
 
 
+def test_resume_under_other_settings_is_reported(tmp_path, recwarn):
+    """A resume whose optimisation settings differ from the checkpoint's goes on (a longer schedule is
+    legitimate) but names every change; bookkeeping (stop_at, cadence, out_dir) changes silently."""
+    from core.engine.trainer import changed_settings
+
+    data = tiny_data(50)
+    Trainer(tiny_model(), denoise_loss, data, make_cfg(tmp_path, steps=6)).fit(stop_at=2)
+    Trainer(tiny_model(), denoise_loss, data, make_cfg(tmp_path, steps=6, log_every=3)).fit(stop_at=4)
+    assert not [w for w in recwarn if "trainer settings" in str(w.message)]
+    with pytest.warns(UserWarning, match=r"\(step 4\) with trainer settings other than the checkpoint's: "
+                                         r"steps 6 -> 8; lr 0\.01 -> 0\.002"):
+        result = Trainer(tiny_model(), denoise_loss, data, make_cfg(tmp_path, steps=8, lr=2e-3)).fit()
+    assert result["step"] == 8
+    assert changed_settings({"batch_size": 4, "betas": [0.9, 0.99]}, {"batch_size": 8, "betas": [0.9, 0.99],
+                                                                      "out_dir": "x"}) == ["batch_size 4 -> 8"]
+
+
 def test_nonfinite_loss_stops_naming_step_and_keeps_last_good_checkpoint(tmp_path):
     calls = {"n": 0}
 

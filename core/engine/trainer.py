@@ -42,6 +42,7 @@ import logging
 import math
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,19 @@ from .config import ConfigError, TrainerConfig, resolve_device, to_schema, valid
 from .ema import EMA, decay_key
 
 log = logging.getLogger("polydiff.engine")
+
+# TrainerConfig fields that shape the optimisation: a resume under other values is reported.
+# (Bookkeeping such as out_dir, stop_at, logging and checkpoint cadence may change freely.)
+OPTIMISATION_KEYS = ("seed", "steps", "batch_size", "grad_accum", "optimizer", "lr", "weight_decay", "betas", "eps",
+                     "momentum", "warmup_steps", "schedule", "min_lr_ratio", "grad_clip", "grad_clip_groups",
+                     "ema_decays", "ema_warmup", "precision")
+
+
+def changed_settings(saved: dict, now: dict) -> list[str]:
+    """``"key old -> new"`` for each of :data:`OPTIMISATION_KEYS` whose value in ``now`` differs from
+    ``saved`` (a checkpoint's ``config``); keys a checkpoint lacks are not compared."""
+    return [f"{k} {saved[k]!r} -> {now[k]!r}" for k in OPTIMISATION_KEYS
+            if k in saved and k in now and saved[k] != now[k]]
 
 LossFn = Callable[[nn.Module, Any, torch.Generator], Any]
 SampleFn = Callable[[nn.Module, int, Path], Any]
@@ -498,6 +512,13 @@ class Trainer:
         self.load_state_dict(state)
         self.last_checkpoint = path
         log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, self.epoch, self.index)
+        changed = changed_settings(state.get("config") or {}, dataclasses.asdict(cfg))
+        if changed and self.is_main:
+            # Legitimate (a longer schedule, a bigger batch) but easy to do by accident: say so.
+            msg = (f"resuming {path} (step {self.step}) with trainer settings other than the checkpoint's: "
+                   + "; ".join(changed))
+            log.warning(msg)
+            warnings.warn(msg, stacklevel=2)
         return self.step
 
     # ------------------------------------------------------------------ sampling / export
