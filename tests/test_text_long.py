@@ -64,3 +64,9 @@ def test_runs_evaluates_common_steps_and_packs(tmp_path, capsys):
     assert e.value.code == 2 and f"{out / 'radd'}, {out / 'ar'} already hold checkpoints" in capsys.readouterr().err
     # --model-override reaches its model only
     assert [json.loads((out / k / "run.json").read_text())["model"]["dropout"] for k in ("radd", "ar")] == [0.0, 0.1]
+    # with --resume the finished runs go on from their checkpoints (nothing left to train) and are scored again
+    again = main(["--out", str(out), "--models", "radd,ar", "--train-seconds", "300", "--steps", "12", "--ckpt-every",
+                  "6", "--evals", "4", "--eval-parallel", "2", *TINY, "--model-override", "ar:model.dropout=0.1",
+                  "--resume"])
+    assert {k: v["checkpoints"] for k, v in again["train"]["runs"].items()} == {"radd": [6, 12], "ar": [6, 12]}
+    assert again["evals"][12]["radd"]["nll_bound"] == s["evals"][12]["radd"]["nll_bound"]
