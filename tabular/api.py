@@ -20,6 +20,7 @@ import math
 import os
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,11 +28,12 @@ import numpy as np
 import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
+from scipy.special import ndtri
 from tqdm.auto import tqdm
 
 from core.engine.ema import EMA
 
-from .data import TableEncoder
+from .data import QuantileNormal, TableEncoder
 from .model import CDTD, CDTDConfig, check_sampler
 from .schema import MISSING, Schema, TabularInputError, infer_schema
 
@@ -54,6 +56,8 @@ class FitConfig:
     cpu_time_limit_s: float | None = None  # ... or after this much CPU time of the process
     sampler: str = "euler"  # core sampler used by .sample()
     sample_steps: int = 25
+    calibration_rows: int = 30_000  # rows drawn per round of the marginal calibration after fitting (0: none)
+    calibration_rounds: int = 5  # rounds fitting the categorical logit offsets (see TabularDiffusion.calibrate)
     device: str = "cpu"
     progress: bool = True
 
@@ -61,9 +65,11 @@ class FitConfig:
         def bad(name, why):
             raise ValueError(f"FitConfig.{name}={getattr(self, name)!r}: {why}")
 
-        for name in ("steps", "batch_size", "sample_steps"):
+        for name in ("steps", "batch_size", "sample_steps", "calibration_rounds"):
             if getattr(self, name) < 1:
                 bad(name, "must be >= 1")
+        if self.calibration_rows < 0:
+            bad("calibration_rows", "must be >= 0 (0: no marginal calibration)")
         if not self.lr > 0:
             bad("lr", "must be > 0")
         if self.warmup_steps < 0:
@@ -74,6 +80,21 @@ class FitConfig:
             if getattr(self, name) is not None and not getattr(self, name) > 0:
                 bad(name, "must be > 0 or None")
         check_sampler(self.sampler, "FitConfig.sampler")
+
+
+def calibrate_scores(x_num: np.ndarray, quantiles: list, known: np.ndarray | None = None) -> np.ndarray:
+    """The numerical half of the marginal calibration: each score through the model's own marginal
+    CDF (``quantiles[i]``: its quantiles at equally spaced levels, or None to leave the column) to the
+    standard normal score of the same level, which the encoder's inverse turns into the data's
+    quantile at that level. Monotone per column; cells where ``known`` (n, n_num) is True are kept."""
+    out = x_num.astype(np.float64)
+    for i, q in enumerate(quantiles):
+        if q is None:
+            continue
+        u = np.interp(out[:, i], q, np.linspace(0.0, 1.0, len(q)))
+        z = ndtri(np.clip(u, QuantileNormal.CLIP, 1.0 - QuantileNormal.CLIP))
+        out[:, i] = z if known is None else np.where(known[:, i], out[:, i], z)
+    return out.astype(x_num.dtype)
 
 
 def _split_kwargs(kwargs: dict) -> tuple[CDTDConfig, FitConfig]:
@@ -96,6 +117,7 @@ class TabularDiffusion:
         self.schema: Schema | None = None
         self.encoder: TableEncoder | None = None
         self.model: CDTD | None = None
+        self.calibration: dict | None = None
         self.history: list[dict] = []
 
     # -- fitting -----------------------------------------------------------------------------------
@@ -124,6 +146,11 @@ class TabularDiffusion:
             if (hi > lo).any():
                 levels = (torch.from_numpy(lo), torch.from_numpy(hi - lo))
         self._train(torch.from_numpy(x_num), torch.from_numpy(x_cat), torch.from_numpy(observed), gen, levels)
+        self.calibration, self.calibration_seconds = None, 0.0
+        if fc.calibration_rows:
+            t0 = time.perf_counter()
+            self.calibrate()
+            self.calibration_seconds = time.perf_counter() - t0
         return self
 
     def _train(self, x_num, x_cat, observed, gen, levels=None):
@@ -230,31 +257,122 @@ class TabularDiffusion:
                 forbid[j] = torch.tensor([c == MISSING for c in col.categories])
         return mask, num, cat, forbid
 
-    def _generate(self, n, mask, num, cat, forbid, seed, batch_size, sampler, steps):
-        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int | np.integer) or steps < 1):
-            # checked, not `steps or default`: a 0 would silently sample with the default
-            raise ValueError(f"steps must be a positive integer or None, got {steps!r}")
-        fc = self.fit_config
-        dev = torch.device(fc.device)
-        gen = torch.Generator(device=dev).manual_seed(int(seed))
+    def _encoded(self, n, mask, num, cat, forbid, gen, batch_size, sampler, steps, logit_bias, desc="CDTD sample"):
+        """``n`` rows of model features (x_num scores, x_cat codes) as NumPy, in batches."""
         outs_num, outs_cat = [], []
         chunks = range(0, n, batch_size)
-        for s in tqdm(chunks, desc="CDTD sample", disable=not fc.progress or len(chunks) < 2):
+        show = desc is not None and self.fit_config.progress and len(chunks) > 1
+        for s in tqdm(chunks, desc=desc, disable=not show):
             e = min(n, s + batch_size)
             kw = {}
             if mask is not None and mask[s:e].any():
                 kw = dict(known_mask=torch.from_numpy(mask[s:e]), known_num=torch.from_numpy(num[s:e]),
                           known_cat=torch.from_numpy(cat[s:e]), forbid=forbid)
-            xn, xc = self.model.sample_encoded(e - s, sampler=sampler or fc.sampler, steps=fc.sample_steps if steps is None else int(steps),
-                                               generator=gen, **kw)
+            xn, xc = self.model.sample_encoded(e - s, sampler=sampler, steps=steps, generator=gen,
+                                               logit_bias=logit_bias, **kw)
             outs_num.append(xn.cpu().numpy())
             outs_cat.append(xc.cpu().numpy())
-        return self.encoder.decode(np.concatenate(outs_num), np.concatenate(outs_cat))
+        return np.concatenate(outs_num), np.concatenate(outs_cat)
+
+    def _generate(self, n, mask, num, cat, forbid, seed, batch_size, sampler, steps, calibrated=True):
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int | np.integer) or steps < 1):
+            # checked, not `steps or default`: a 0 would silently sample with the default
+            raise ValueError(f"steps must be a positive integer or None, got {steps!r}")
+        fc = self.fit_config
+        sampler = sampler or fc.sampler
+        steps = fc.sample_steps if steps is None else int(steps)
+        cal = self.calibration if calibrated else None
+        if cal is not None and (cal["sampler"], cal["steps"]) != (sampler, steps):
+            warnings.warn(f"the marginal calibration was fitted for sampler={cal['sampler']!r} steps={cal['steps']}; "
+                          f"these samples (sampler={sampler!r} steps={steps}) are uncalibrated: "
+                          f"model.calibrate(sampler={sampler!r}, steps={steps}) fits one for them", stacklevel=3)
+            cal = None
+        gen = torch.Generator(device=torch.device(fc.device)).manual_seed(int(seed))
+        bias = [torch.tensor(b, dtype=torch.float32) for b in cal["cat_bias"]] if cal else None
+        x_num, x_cat = self._encoded(n, mask, num, cat, forbid, gen, batch_size, sampler, steps, bias)
+        if cal:
+            known = mask[:, -x_num.shape[1]:] if mask is not None and x_num.shape[1] else None
+            x_num = calibrate_scores(x_num, cal["num_quantiles"], known)
+        return self.encoder.decode(x_num, x_cat)
+
+    def calibrate(self, rows: int | None = None, rounds: int | None = None, *, seed: int = 1_000_003,
+                  sampler: str | None = None, steps: int | None = None, batch_size: int = 10_000) -> TabularDiffusion:
+        """Fit the marginal calibration used by :meth:`sample` and :meth:`impute` (run by :meth:`fit`
+        with ``calibration_rows`` / ``calibration_rounds``; call again for another sampler or number
+        of steps). Needs no data: the targets are the training marginals the model keeps.
+
+        Categories: an offset per category added to its logits at every sampling step (a fixed
+        reweighting of the model's class posteriors), fitted in ``rounds`` rounds over the same
+        ``rows`` unconditional draws (the same noise, so rounds differ by the offsets alone). Per
+        feature, ``b <- b_best + a clip(log(p_data / p_best), -1, 1)`` from the offsets with the
+        lowest total variation so far, ``a`` starting at 1/2 and halved whenever a round is worse
+        than the best: the offsets act at every step and compound, so a full step overshoots. This
+        corrects a model whose marginals are off by a few per cent; it cannot make a model that never
+        generates a category generate it at the right rate.
+
+        Numbers: a monotone map per column from the model's marginal to the data's: the model's
+        scores through their own CDF (estimated from the same draws once more, with the final
+        offsets), then through the data's quantile function. Each cell is mapped on its own, so
+        samples stay independent and ranks within a column are kept. Returns ``self``.
+        """
+        self._require_fitted()
+        fc = self.fit_config
+        rows = fc.calibration_rows if rows is None else rows
+        rounds = fc.calibration_rounds if rounds is None else rounds
+        for name, v in (("rows", rows), ("rounds", rounds), ("steps", 1 if steps is None else steps)):
+            if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < 1:
+                raise ValueError(f"calibrate: {name} must be a positive integer, got {v!r}")
+        sampler = sampler or fc.sampler
+        check_sampler(sampler, "calibrate: sampler")
+        steps = fc.sample_steps if steps is None else int(steps)
+        enc, cards = self.encoder, self.encoder.cardinalities
+        init = self.model.logit_init.detach().cpu().double().exp()
+        target = [p / p.sum() for p in torch.split(init, cards)] if cards else []
+        bias = [torch.zeros(k, dtype=torch.float64) for k in cards]
+        # per feature: the best offsets so far, their frequencies and TV, and the step size
+        best = [(b, None, math.inf) for b in bias]
+        gain = [0.5] * len(cards)
+        gen = torch.Generator(device=torch.device(fc.device))
+        eps = 0.5 / rows
+        for _ in tqdm(range(rounds if cards else 0), desc="CDTD calibrate", disable=not fc.progress):
+            gen.manual_seed(int(seed))  # the same draws every round: rounds differ by the offsets alone
+            _, x_cat = self._encoded(rows, None, None, None, None, gen, batch_size, sampler, steps,
+                                     [b.float() for b in bias])
+            for j, k in enumerate(cards):
+                freq = torch.from_numpy(np.bincount(x_cat[:, j], minlength=k) / rows)
+                tv = 0.5 * float((freq - target[j]).abs().sum())
+                if tv <= best[j][2]:
+                    best[j] = (bias[j], freq, tv)
+                else:  # overshot: back to the best offsets with half the step
+                    gain[j] *= 0.5
+                b, freq, _ = best[j]
+                b = b + gain[j] * ((target[j] + eps).log() - (freq + eps).log()).clamp(-1.0, 1.0)
+                bias[j] = (b - b.mean()).clamp(-20.0, 20.0)
+        bias = [b for b, _, _ in best]
+        gen.manual_seed(int(seed))
+        x_num, x_cat = self._encoded(rows, None, None, None, None, gen, batch_size, sampler, steps,
+                                     [b.float() for b in bias], desc=None)
+        n_cat = len(enc.cat_cols)
+        flag_of = {c.name: n_cat + k for k, c in enumerate(enc.flag_cols)}
+        quantiles = []
+        for i, col in enumerate(enc.num_cols):
+            z = x_num[:, i].astype(np.float64)
+            if col.name in flag_of:  # cells generated as missing carry a placeholder score
+                z = z[x_cat[:, flag_of[col.name]] == 0]
+            quantiles.append(np.quantile(z, np.linspace(0.0, 1.0, min(1001, len(z)))).tolist() if len(z) > 1 else None)
+        residual = [0.5 * float(np.abs(np.bincount(x_cat[:, j], minlength=k) / rows - target[j].numpy()).sum())
+                    for j, k in enumerate(cards)]
+        self.calibration = {"sampler": sampler, "steps": steps, "rows": int(rows), "rounds": int(rounds),
+                            "seed": int(seed), "cat_bias": [b.tolist() for b in bias], "num_quantiles": quantiles,
+                            "residual_tv": residual}
+        return self
 
     def sample(self, n: int, conditions: dict | None = None, *, seed: int = 0, batch_size: int = 10_000,
-               sampler: str | None = None, steps: int | None = None) -> pd.DataFrame:
+               sampler: str | None = None, steps: int | None = None, calibrated: bool = True) -> pd.DataFrame:
         """``n`` synthetic rows. ``conditions``: column -> a value (every row) or ``n`` values (row-wise);
-        those columns are fixed and the rest is generated given them."""
+        those columns are fixed and the rest is generated given them. ``calibrated``: apply the
+        marginal calibration (:meth:`calibrate`) when the model has one for this sampler and number of
+        steps (a warning says when it has one only for others)."""
         self._require_fitted()
         if not isinstance(n, int | np.integer) or n < 1:
             raise ValueError(f"n must be a positive integer, got {n!r}")
@@ -289,7 +407,7 @@ class TabularDiffusion:
             for k, c in enumerate(enc.flag_cols):
                 if c.name not in cond_df.columns:
                     mask[:, len(enc.cat_cols) + k] = False
-        out = self._generate(n, mask, num, cat, forbid, seed, batch_size, sampler, steps)
+        out = self._generate(n, mask, num, cat, forbid, seed, batch_size, sampler, steps, calibrated)
         if cond_df is not None:
             for c in cond_df.columns:  # the user's values, exactly
                 out[c] = cond_df[c].to_numpy()
@@ -297,9 +415,10 @@ class TabularDiffusion:
         return out
 
     def impute(self, df: pd.DataFrame, *, seed: int = 0, batch_size: int = 10_000, sampler: str | None = None,
-               steps: int | None = None) -> pd.DataFrame:
+               steps: int | None = None, calibrated: bool = True) -> pd.DataFrame:
         """Fill every missing cell of ``df`` (NaN / None) given the observed cells of its row; observed
-        cells are returned unchanged. A missing cell of a constant column gets the constant."""
+        cells are returned unchanged. A missing cell of a constant column gets the constant.
+        ``calibrated``: as for :meth:`sample` (the calibration acts on the generated cells only)."""
         self._require_fitted()
         self.schema.check_frame(df)
         out = df.copy()
@@ -310,7 +429,7 @@ class TabularDiffusion:
         sub, ksub = df.iloc[rows].reset_index(drop=True), known.iloc[rows].reset_index(drop=True)
         model_cols = [c.name for c in self.schema.columns if c.kind != "constant"]
         mask, num, cat, forbid = self._known(sub[model_cols], ksub[model_cols])
-        gen = self._generate(len(rows), mask, num, cat, forbid, seed, batch_size, sampler, steps)
+        gen = self._generate(len(rows), mask, num, cat, forbid, seed, batch_size, sampler, steps, calibrated)
         for c in df.columns:
             miss = ~ksub[c].to_numpy()
             if miss.any():
@@ -330,7 +449,8 @@ class TabularDiffusion:
         meta = {"format": FORMAT_VERSION, "schema": json.loads(self.schema.to_json()),
                 "encoder": self.encoder.state(), "model_config": dataclasses.asdict(self.model_config),
                 "fit_config": dataclasses.asdict(self.fit_config),
-                "fit_steps": getattr(self, "fit_steps", None), "fit_seconds": getattr(self, "fit_seconds", None)}
+                "fit_steps": getattr(self, "fit_steps", None), "fit_seconds": getattr(self, "fit_seconds", None),
+                "calibration": self.calibration}
         state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
         for name, write in (("model.safetensors", lambda p: save_file(state, p)),
                             ("tabular.json", lambda p: Path(p).write_text(json.dumps(meta)))):
@@ -358,6 +478,7 @@ class TabularDiffusion:
         obj.schema = Schema.from_json(json.dumps(meta["schema"]))
         obj.encoder = TableEncoder.from_state(obj.schema, meta["encoder"])
         obj.fit_steps, obj.fit_seconds = meta.get("fit_steps"), meta.get("fit_seconds")
+        obj.calibration = meta.get("calibration")  # None in files written before calibration existed
         state = load_file(str(path / "model.safetensors"))
         props = [torch.full((k,), 1.0 / k) for k in obj.encoder.cardinalities]  # buffers come from the file
         obj.model = CDTD(len(obj.encoder.num_cols), obj.encoder.cardinalities, obj.model_config, props)

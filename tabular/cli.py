@@ -30,14 +30,19 @@ class UsageError(Exception):
     directory, ...): reported like bad input, one line and exit code 2."""
 
 
-def _positive_int(text: str) -> int:
+def _positive_int(text: str, least: int = 1) -> int:
     try:
         v = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+        what = "a positive" if least == 1 else "a non-negative"
+        raise argparse.ArgumentTypeError(f"expected {what} integer, got {text!r}") from None
+    if v < least:
+        raise argparse.ArgumentTypeError(f"must be >= {least}, got {v}")
     return v
+
+
+def _nonnegative_int(text: str) -> int:
+    return _positive_int(text, least=0)
 
 
 def _output_file(path: str, flag: str) -> str:
@@ -92,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--batch-size", type=_positive_int, default=1024)
     f.add_argument("--denoiser", default="mlp", choices=["mlp", "transformer"])
     f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--calibration-rows", type=_nonnegative_int, default=30_000,
+                   help="rows per round of the marginal calibration after fitting (0: none)")
     s = sub.add_parser("sample", help="sample rows from a saved model")
     s.add_argument("--model", required=True)
     s.add_argument("-n", type=_positive_int, required=True)
@@ -99,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--condition", action="append", help="column=value, repeatable")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--steps", type=_positive_int, default=None, help="sampler steps (default: the model's)")
+    s.add_argument("--recalibrate", action="store_true",
+                   help="fit the marginal calibration for --steps first (the saved one is for the model's steps)")
     i = sub.add_parser("impute", help="fill the missing cells of a CSV")
     i.add_argument("--model", required=True)
     i.add_argument("--input", required=True)
@@ -124,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "fit":
             cats = [c for c in args.categorical.split(",") if c] or None
-            m = TabularDiffusion(steps=args.steps, batch_size=args.batch_size, denoiser=args.denoiser, seed=args.seed)
+            m = TabularDiffusion(steps=args.steps, batch_size=args.batch_size, denoiser=args.denoiser, seed=args.seed,
+                                 calibration_rows=args.calibration_rows)
             m.fit(load_csv(args.csv), categorical=cats)
             m.save(args.model)
             print(f"saved {args.model} ({m.fit_steps} steps, {m.fit_seconds:.0f} s)")
@@ -133,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
             out = _output_file(args.out, "--out")
             m = _load_model(args.model)
             _check_conditions(conditions, m.schema)
+            if args.recalibrate:
+                m.calibrate(rows=m.fit_config.calibration_rows or 30_000, steps=args.steps)
             df = m.sample(args.n, conditions=conditions, seed=args.seed, steps=args.steps)
             df.to_csv(out, index=False)
             print(f"wrote {len(df)} rows to {out}")

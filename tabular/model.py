@@ -597,12 +597,14 @@ class CDTD(nn.Module):
         return x_num, x_cat.reshape(x.shape[0], self.n_cat, self.cfg.emb_dim)
 
     def make_denoiser(self, known: dict | None = None, forbid: list[torch.Tensor] | None = None,
-                      grid: torch.Tensor | None = None):
+                      grid: torch.Tensor | None = None, logit_bias: list[torch.Tensor] | None = None):
         """``D'(x, t)`` for the core samplers (see the module docstring); keeps the last logits.
 
         known: ``{"mask": (B, F) bool, "pmask": (B, P) the same per coordinate, "x0": (B, P) clean flat
         state, "eps": (B, P)}``: fixed features, given clean (``cond_prob > 0``) or by replacement.
         forbid: per categorical feature a (K_j,) bool of categories never generated.
+        logit_bias: per categorical feature a (K_j,) float added to its logits at every step (the
+        marginal calibration of :meth:`tabular.api.TabularDiffusion.calibrate`).
         grid: the sampler's times; when given (Euler), ``r_f`` is the secant ratio over the step from
         ``t`` to the next grid time, ``(1 - sigma_f(u') / sigma_f(u)) / (1 - t' / t)``, which makes the
         Euler step of every feature exactly the official per-feature Euler step in its own sigma
@@ -631,6 +633,8 @@ class CDTD(nn.Module):
             d_cat = []
             for j, lg in enumerate(logits):
                 lg = lg.float()
+                if logit_bias is not None:
+                    lg = lg + logit_bias[j].to(lg.device)
                 if forbid is not None and forbid[j] is not None:
                     lg = lg.masked_fill(forbid[j].to(lg.device), float("-inf"))
                 logits[j] = lg
@@ -659,7 +663,7 @@ class CDTD(nn.Module):
     @torch.no_grad()
     def sample_encoded(self, n: int, *, sampler: str = "euler", steps: int = 50, grid="uniform_u", generator=None,
                        known_mask: torch.Tensor | None = None, known_num: torch.Tensor | None = None,
-                       known_cat: torch.Tensor | None = None, forbid=None, **options):
+                       known_cat: torch.Tensor | None = None, forbid=None, logit_bias=None, **options):
         """n rows as (x_num (n, n_num), x_cat codes (n, n_cat)).
 
         known_mask (n, F) bool with known_num (n, n_num) / known_cat (n, n_cat): features fixed by
@@ -667,7 +671,8 @@ class CDTD(nn.Module):
         steps in the schedule's uniform time, default; for Euler only, the other samplers then get
         their own default grid of ``steps``), else anything :func:`core.samplers.sample` takes (a
         number of steps on its default grid, a grid name through ``grid_kind``, a tensor of times).
-        ``sampler``: an ODE sampler of :mod:`core.samplers` (:func:`check_sampler`).
+        ``sampler``: an ODE sampler of :mod:`core.samplers` (:func:`check_sampler`). ``logit_bias``:
+        see :meth:`make_denoiser`.
         """
         dev = self.logit_init.device
         P = sum(self._sizes)
@@ -688,7 +693,7 @@ class CDTD(nn.Module):
             # its coarse steps at the ends ruin the other solvers, which get their default grid
             grid = self.u_grid(steps) if sampler == "euler" else steps
         secant = sampler == "euler" and isinstance(grid, torch.Tensor)
-        D = self.make_denoiser(known, forbid, grid if secant else None)
+        D = self.make_denoiser(known, forbid, grid if secant else None, logit_bias)
         out, _ = core_sample(sampler, D, path, x, grid=grid, generator=generator, **options)
         x_num, _ = self._split(out)
         logits = D.state["logits"]

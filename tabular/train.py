@@ -88,9 +88,14 @@ class TabularSamplerConfig:
     n_samples: int | None = None
     seed: int = 0
     batch_size: int = 10000
+    calibration_rows: int = 30000  # marginal calibration after fitting (TabularDiffusion.calibrate); 0: none
+    calibration_rounds: int = 5
 
     def validate(self) -> None:
         check_sampler(self.name, "sampler.name")
+        if self.calibration_rows < 0 or self.calibration_rounds < 1:
+            raise ValueError(f"sampler.calibration_rows must be >= 0 and sampler.calibration_rounds >= 1, got "
+                             f"{self.calibration_rows}, {self.calibration_rounds}")
         if self.steps < 1 or self.batch_size < 1 or (self.n_samples is not None and self.n_samples < 1):
             raise ValueError(f"sampler.steps, sampler.batch_size and sampler.n_samples must be >= 1, got "
                              f"{self.steps}, {self.batch_size}, {self.n_samples}")
@@ -150,7 +155,9 @@ def run(model_cfg: CDTDConfig, data_cfg: TabularDataConfig, sampler_cfg: Tabular
     n = sampler_cfg.n_samples or len(train)
     model = TabularDiffusion(**asdict(model_cfg), **fit_kwargs, time_limit_s=eval_cfg.time_limit_s,
                              cpu_time_limit_s=eval_cfg.cpu_time_limit_s,
-                             sampler=sampler_cfg.name, sample_steps=sampler_cfg.steps)
+                             sampler=sampler_cfg.name, sample_steps=sampler_cfg.steps,
+                             calibration_rows=sampler_cfg.calibration_rows,
+                             calibration_rounds=sampler_cfg.calibration_rounds)
     model.fit(train, categorical=cats)
     model.save(out_dir / "model")
     t0 = time.perf_counter()
@@ -166,7 +173,10 @@ def run(model_cfg: CDTDConfig, data_cfg: TabularDataConfig, sampler_cfg: Tabular
         synthetic["gaussian_copula"].to_csv(out_dir / "copula.csv", index=False)
     report = fidelity_report(train, test, synthetic, model.schema, target, task, seed=eval_cfg.report_seed)
     report["holdout_check"] = holdout_check
+    report["calibration"] = model.calibration and {k: model.calibration[k] for k in
+                                                   ("sampler", "steps", "rows", "rounds", "residual_tv")}
     report["timing"] = {"fit_seconds": model.fit_seconds, "fit_cpu_seconds": model.fit_cpu_seconds,
+                        "calibration_seconds": model.calibration_seconds,
                         "fit_steps": model.fit_steps, "sample_seconds": sample_s,
                         "sample_rows": n, "rows_per_second": n / sample_s, "copula_seconds": copula_s,
                         "torch_threads": torch.get_num_threads(), "loadavg_1m_at_end": os.getloadavg()[0]}

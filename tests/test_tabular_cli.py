@@ -3,11 +3,13 @@
 import json
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from tabular.api import TabularDiffusion
 from tabular.cli import main as cli
 from tabular.model import CDTDConfig
 from tabular.train import REPO_CONFIGS, TabularDataConfig, TabularEvalConfig, TabularSamplerConfig, run
@@ -27,12 +29,19 @@ def csv(tmp_path_factory):
 def test_cli_fit_sample_impute_report(csv, tmp_path, capsys):
     path, df = csv
     model = tmp_path / "m"
-    assert cli(["fit", str(path), "--model", str(model), "--steps", "20", "--batch-size", "64"]) == 0
+    assert cli(["fit", str(path), "--model", str(model), "--steps", "20", "--batch-size", "64", "--calibration-rows", "1000"]) == 0
     out = tmp_path / "s.csv"
     assert cli(["sample", "--model", str(model), "-n", "50", "--out", str(out), "--condition", "b=y",
                 "--steps", "5"]) == 0
     s = pd.read_csv(out)
     assert list(s.columns) == ["a", "b", "n"] and len(s) == 50 and (s["b"] == "y").all()
+    assert TabularDiffusion.load(model).calibration["rows"] == 1000
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # calibrated for these steps first: no 'uncalibrated' warning
+        assert cli(["sample", "--model", str(model), "-n", "50", "--out", str(tmp_path / "r.csv"), "--steps", "5",
+                    "--recalibrate"]) == 0
+    with pytest.warns(UserWarning, match="uncalibrated"):
+        cli(["sample", "--model", str(model), "-n", "5", "--out", str(tmp_path / "u.csv"), "--steps", "5"])
     holes = df.iloc[:20].copy()
     holes.loc[:5, "b"] = None
     holes.to_csv(tmp_path / "h.csv", index=False)
@@ -58,7 +67,7 @@ def test_cli_fit_sample_impute_report(csv, tmp_path, capsys):
 @pytest.mark.slow
 def test_run_writes_csv_report_and_pngs(tmp_path):
     data = TabularDataConfig(name="german", max_train_rows=300)
-    rep = run(CDTDConfig(hidden=32, mlp_layers=1, emb_dim=4), data, TabularSamplerConfig(steps=5, n_samples=300),
+    rep = run(CDTDConfig(hidden=32, mlp_layers=1, emb_dim=4), data, TabularSamplerConfig(steps=5, n_samples=300, calibration_rows=1000),
               TabularEvalConfig(), {"steps": 20, "batch_size": 64, "warmup_steps": 2, "progress": False}, tmp_path)
     for name in ("synthetic.csv", "copula.csv", "report.json", "marginals.png", "correlation_diff.png",
                  "model/model.safetensors", "model/tabular.json"):
@@ -97,7 +106,7 @@ def test_bench_times_the_model_and_the_copula_side_by_side(tmp_path, capsys):
     from tabular.data import load_dataset
 
     train, _, spec = load_dataset("german")
-    m = TabularDiffusion(steps=5, warmup_steps=1, hidden=32, mlp_layers=1, emb_dim=4, batch_size=64, progress=False,
+    m = TabularDiffusion(steps=5, warmup_steps=1, hidden=32, mlp_layers=1, emb_dim=4, batch_size=64, progress=False, calibration_rows=500,
                          sample_steps=3).fit(train.iloc[:200], categorical=list(spec.categorical))
     m.save(tmp_path / "m")
     capsys.readouterr()
@@ -170,7 +179,7 @@ def test_cli_report_checks_holdout_and_synthetic_against_the_schema(csv, tmp_pat
 def test_cli_argument_errors_exit_2_naming_them(csv, tmp_path, capsys):
     path, df = csv
     model = tmp_path / "m"
-    assert cli(["fit", str(path), "--model", str(model), "--steps", "2", "--batch-size", "64"]) == 0
+    assert cli(["fit", str(path), "--model", str(model), "--steps", "2", "--batch-size", "64", "--calibration-rows", "500"]) == 0
     sample = ["sample", "--model", str(model), "-n", "5", "--steps", "2"]
     cases = [(["sample", "--model", str(tmp_path / "nope"), "-n", "5", "--out", str(tmp_path / "s.csv")],
               ("--model", "nope", "is not a saved model")),

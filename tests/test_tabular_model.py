@@ -1,5 +1,7 @@
 """CDTD: the learned schedule and its sampling path, training, save/load, conditioning, imputation."""
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -10,7 +12,7 @@ from tabular.data import load_german
 from tabular.metrics import ks_statistic
 from tabular.model import CDTD, CDTDConfig, LogisticTimewarp
 
-TINY = dict(hidden=64, mlp_layers=2, emb_dim=8, batch_size=128, progress=False, sample_steps=12)
+TINY = dict(hidden=64, mlp_layers=2, emb_dim=8, batch_size=128, progress=False, sample_steps=12, calibration_rows=2000)
 
 
 def _warp():
@@ -186,7 +188,7 @@ def test_transformer_denoiser_fits_and_samples():
     df = load_german().iloc[:200].reset_index(drop=True)
     torch.manual_seed(0)
     m = TabularDiffusion(denoiser="transformer", token_dim=32, depth=1, num_heads=2, steps=20, warmup_steps=2,
-                         batch_size=64, progress=False, sample_steps=4).fit(df)
+                         batch_size=64, progress=False, sample_steps=4, calibration_rows=500).fit(df)
     s = m.sample(16, seed=0)
     assert s.shape == (16, df.shape[1])
 
@@ -312,7 +314,7 @@ def test_cond_prob_0_transformer_is_the_model_it_was():
     df = pd.DataFrame({"x": rng.normal(size=n), "c": rng.choice(list("abc"), n), "d": rng.choice(["u", "v"], n)})
     df["z"] = df["x"] + 0.3 * rng.normal(size=n)
     torch.manual_seed(0)
-    m = TabularDiffusion(denoiser="transformer", cond_prob=0.0, steps=10, warmup_steps=2, batch_size=64,
+    m = TabularDiffusion(denoiser="transformer", cond_prob=0.0, steps=10, warmup_steps=2, batch_size=64, calibration_rows=500,
                          progress=False, sample_steps=4, **{k: v for k, v in SMALL_NET.items() if k not in
                                                           ("hidden", "mlp_layers")}).fit(df)
     new = m.model
@@ -365,7 +367,7 @@ def test_saved_files_load_across_the_layouts(tmp_path):
 
     df = pd.DataFrame({"a": np.random.default_rng(0).normal(size=120), "b": ["p", "q", "r"] * 40})
     torch.manual_seed(0)
-    m = TabularDiffusion(denoiser="transformer", cond_prob=0.0, steps=5, warmup_steps=1, batch_size=64,
+    m = TabularDiffusion(denoiser="transformer", cond_prob=0.0, steps=5, warmup_steps=1, batch_size=64, calibration_rows=500,
                          progress=False, sample_steps=3, token_dim=16, depth=1, num_heads=2, emb_dim=4).fit(df)
     ref = m.sample(20, conditions={"b": "q"}, seed=0)
     m.save(tmp_path / "new")
@@ -539,3 +541,93 @@ def test_ode_samplers_agree_with_euler_and_sde_samplers_are_refused(monkeypatch)
         np.testing.assert_allclose(means[["a", "b", "c"]], [-2.0, 0.0, 2.0], atol=0.4, err_msg=name)
     with pytest.raises(ValueError, match="'pc' is stochastic"):
         m.sample(10, sampler="pc")
+
+
+def _three_groups(n=2000, seed=0):
+    rng = np.random.default_rng(seed)
+    c = rng.choice(["a", "b", "c"], n, p=[0.5, 0.3, 0.2])
+    return pd.DataFrame({"c": c, "x": rng.normal(np.select([c == "a", c == "b"], [-2.0, 0.0], 2.0), 0.5),
+                         "y": rng.exponential(1.0, n)})
+
+
+def test_marginal_calibration_brings_the_marginals_to_the_data():
+    from tabular.metrics import total_variation
+
+    df = _three_groups()
+    torch.manual_seed(0)
+    m = TabularDiffusion(steps=1500, warmup_steps=20, **{**TINY, "calibration_rows": 0}).fit(df)
+    assert m.calibration is None
+    raw = m.sample(20_000, seed=5)
+    m.calibrate(rows=10_000, rounds=5)
+    cal = m.sample(20_000, seed=5)
+    tv0, tv1 = total_variation(df["c"], raw["c"]), total_variation(df["c"], cal["c"])
+    assert tv1 < 0.025 and tv1 < tv0 / 2, (tv0, tv1)
+    for col in ("x", "y"):
+        ks0, ks1 = ks_statistic(df[col], raw[col]), ks_statistic(df[col], cal[col])
+        assert ks1 < 0.03 and ks1 < ks0, (col, ks0, ks1)
+    assert max(m.calibration["residual_tv"]) < 0.025
+    # the dependence survives: x's mean per category
+    np.testing.assert_allclose(cal.groupby("c")["x"].mean()[["a", "b", "c"]], [-2.0, 0.0, 2.0], atol=0.3)
+    pd.testing.assert_frame_equal(raw, m.sample(20_000, seed=5, calibrated=False))
+
+
+def test_numerical_calibration_is_a_monotone_map_per_column():
+    rng = np.random.default_rng(1)
+    df = pd.DataFrame({"x": rng.gamma(2.0, size=2000), "y": rng.normal(size=2000)})
+    torch.manual_seed(0)
+    m = TabularDiffusion(steps=30, warmup_steps=5, **TINY).fit(df)  # no categories: the same trajectories
+    raw, cal = m.sample(5000, seed=2, calibrated=False), m.sample(5000, seed=2)
+    for c in ("x", "y"):
+        r, k = raw[c].to_numpy(), cal[c].to_numpy()
+        assert (np.diff(k[np.lexsort((k, r))]) >= 0).all()  # ordered by the raw value, never decreasing
+        assert not np.array_equal(r, k)
+        assert ks_statistic(df[c], cal[c]) <= ks_statistic(df[c], raw[c]) + 0.005
+
+
+def test_calibrate_scores_inverts_a_known_marginal_and_keeps_known_cells():
+    from scipy.special import ndtri
+
+    from tabular.api import calibrate_scores
+
+    levels = np.clip(np.linspace(0.0, 1.0, 1001), 1e-6, 1 - 1e-6)
+    q = 1.0 + 2.0 * ndtri(levels)  # the model's scores ~ N(1, 2^2): the calibrated score is (z - 1) / 2
+    z = np.linspace(-3.0, 5.0, 41)[:, None].repeat(2, 1).astype(np.float32)
+    known = np.zeros_like(z, bool)
+    known[::3, 1] = True
+    out = calibrate_scores(z, [q.tolist(), q.tolist()], known)
+    np.testing.assert_allclose(out[:, 0], (z[:, 0] - 1.0) / 2.0, atol=2e-3)
+    np.testing.assert_array_equal(out[known], z[known])
+    np.testing.assert_allclose(out[~known[:, 1], 1], (z[~known[:, 1], 1] - 1.0) / 2.0, atol=2e-3)
+    np.testing.assert_array_equal(calibrate_scores(z, [None, q.tolist()])[:, 0], z[:, 0])
+
+
+def test_calibration_is_tied_to_its_sampler_and_steps_and_saved(tmp_path):
+    df = _three_groups(800)
+    torch.manual_seed(0)
+    m = TabularDiffusion(steps=20, warmup_steps=2, **TINY).fit(df)
+    assert m.calibration["steps"] == 12 and m.calibration["sampler"] == "euler"
+    with pytest.warns(UserWarning, match="fitted for sampler='euler' steps=12.*steps=5\\) are uncalibrated"):
+        a = m.sample(300, seed=1, steps=5)
+    pd.testing.assert_frame_equal(a, m.sample(300, seed=1, steps=5, calibrated=False))
+    m.calibrate(rows=1000, steps=5)
+    assert m.calibration["steps"] == 5
+    b = m.sample(300, seed=1, steps=5)
+    assert not b.equals(a)
+    m.save(tmp_path / "m")
+    back = TabularDiffusion.load(tmp_path / "m")
+    assert back.calibration == m.calibration
+    pd.testing.assert_frame_equal(back.sample(300, seed=1, steps=5), b)
+    # a file written before calibration existed loads uncalibrated
+    meta = json.loads((tmp_path / "m" / "tabular.json").read_text())
+    del meta["calibration"]
+    (tmp_path / "m" / "tabular.json").write_text(json.dumps(meta))
+    old = TabularDiffusion.load(tmp_path / "m")
+    assert old.calibration is None
+    pd.testing.assert_frame_equal(old.sample(300, seed=1, steps=5), m.sample(300, seed=1, steps=5, calibrated=False))
+    for kw, what in ((dict(rows=0), "rows"), (dict(rounds=2.5), "rounds"), (dict(steps=0), "steps")):
+        with pytest.raises(ValueError, match=f"calibrate: {what} must be a positive integer"):
+            m.calibrate(**kw)
+    with pytest.raises(ValueError, match="stochastic"):
+        m.calibrate(sampler="euler_maruyama")
+    with pytest.raises(ValueError, match="calibration_rows=-1"):
+        TabularDiffusion(calibration_rows=-1)
