@@ -56,7 +56,7 @@ class FitConfig:
     cpu_time_limit_s: float | None = None  # ... or after this much CPU time of the process
     sampler: str = "euler"  # core sampler used by .sample()
     sample_steps: int = 25
-    calibration_rows: int = 30_000  # rows drawn per round of the marginal calibration after fitting (0: none)
+    calibration_rows: int = 50_000  # rows drawn per round of the marginal calibration after fitting (0: none)
     calibration_rounds: int = 5  # rounds fitting the categorical logit offsets (see TabularDiffusion.calibrate)
     device: str = "cpu"
     progress: bool = True

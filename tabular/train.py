@@ -88,7 +88,7 @@ class TabularSamplerConfig:
     n_samples: int | None = None
     seed: int = 0
     batch_size: int = 10000
-    calibration_rows: int = 30000  # marginal calibration after fitting (TabularDiffusion.calibrate); 0: none
+    calibration_rows: int = 50000  # marginal calibration after fitting (TabularDiffusion.calibrate); 0: none
     calibration_rounds: int = 5
 
     def validate(self) -> None:
