@@ -43,7 +43,6 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from core.engine import distributed as D
 from core.engine.checkpoint import atomic_write
 from core.engine.config import ConfigError, register_schema
 from core.engine.run import hydra_entry, prepare
@@ -452,7 +451,11 @@ def train(cfg: DictConfig) -> dict:
     steps = model_cfg.sde_adj.num_scales
     out_dir = Path(ctx.trainer.out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    if D.is_main():
+    n_params = sum(p.numel() for p in model.parameters())  # before the engine wraps (FSDP shards) it
+    trainer = Trainer(model, loss_fn, torch.utils.data.TensorDataset(*data.train()), ctx.trainer,
+                      sample_fn=make_sample_fn(data, sampler, steps), run_config=ctx.snapshot())
+    trainer.resume()  # a refused resume (another model's checkpoint) stops before run.json is rewritten
+    if trainer.is_main:
         data_info = dataclasses.asdict(data_cfg)
         # Files recorded absolute, so graph.sample --run (and the benchmarks) find them from any directory.
         if data_cfg.graph_file is not None:
@@ -461,11 +464,9 @@ def train(cfg: DictConfig) -> dict:
             if data_info["options"].get(key) is not None:
                 data_info["options"][key] = str(Path(str(data_info["options"][key])).resolve())
         info = {"model": dataclasses.asdict(model_cfg), "data": data_info,
-                "sampler": dataclasses.asdict(sampler), "parameters": sum(p.numel() for p in model.parameters()),
+                "sampler": dataclasses.asdict(sampler), "parameters": n_params,
                 "train_graphs": n_train, "test_graphs": len(data.test_idx)}
         atomic_write(out_dir / "run.json", lambda f: f.write(json.dumps(info, indent=1).encode()))
-    trainer = Trainer(model, loss_fn, torch.utils.data.TensorDataset(*data.train()), ctx.trainer,
-                      sample_fn=make_sample_fn(data, sampler, steps))
     t0 = time.perf_counter()
     result = trainer.fit()
     result["train_seconds"] = round(time.perf_counter() - t0, 1)

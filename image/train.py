@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -270,10 +269,11 @@ def train(cfg: DictConfig) -> dict:
                            encoder_dim=enc_dim)
     info.update(model=dataclasses.asdict(model_cfg), data=dataclasses.asdict(data_cfg),
                 parameters=sum(p.numel() for p in model.net.parameters()))
-    if os.environ.get("RANK", "0") == "0":
-        atomic_write(out_dir / "run.json", lambda f: f.write(json.dumps(info, indent=1).encode()))
     trainer = Trainer(model, make_loss(model_cfg, encoder), torch.utils.data.TensorDataset(*tensors), ctx.trainer,
-                      sample_fn=make_sample_fn(sampler_cfg, info))
+                      sample_fn=make_sample_fn(sampler_cfg, info), run_config=ctx.snapshot())
+    trainer.resume()  # a refused resume (another model's checkpoint) stops before run.json is rewritten
+    if trainer.is_main:
+        atomic_write(out_dir / "run.json", lambda f: f.write(json.dumps(info, indent=1).encode()))
     result = trainer.fit()
     train_seconds = time.perf_counter() - t_start
     if trainer.is_main and trainer.step >= ctx.trainer.steps:

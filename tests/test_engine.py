@@ -288,6 +288,36 @@ def test_resume_under_other_settings_is_reported(tmp_path, recwarn):
                                                                       "out_dir": "x"}) == ["batch_size 4 -> 8"]
 
 
+def test_resume_under_another_model_is_refused_and_other_groups_are_reported(tmp_path, recwarn):
+    """The run's config groups (run_config) ride in every checkpoint: a resume whose "model" group differs
+    is refused before anything is loaded, naming each change; other groups' changes are reported; a
+    checkpoint without run_config (older files) resumes as before."""
+    from core.engine.trainer import changed_run_config
+
+    data = tiny_data(50)
+    run = {"model": {"hidden": 32, "dropout": 0.0}, "sampler": {"steps": 8}}
+    Trainer(tiny_model(), denoise_loss, data, make_cfg(tmp_path, steps=6), run_config=run).fit(stop_at=2)
+    assert load_checkpoint(checkpoint_path(tmp_path / "checkpoints", 2))["run_config"] == run
+    Trainer(tiny_model(), denoise_loss, data, make_cfg(tmp_path, steps=6), run_config=run).fit(stop_at=3)
+    assert not [w for w in recwarn if "settings other than" in str(w.message)]
+    other = {"model": {"hidden": 32, "dropout": 0.1}, "sampler": {"steps": 8}}
+    t = Trainer(tiny_model(), denoise_loss, data, make_cfg(tmp_path, steps=6), run_config=other)
+    with pytest.raises(ConfigError, match=r"ckpt_00000003\.pt \(step 3\) was written with other model settings than "
+                                          r"this run's: model\.dropout 0\.0 -> 0\.1\. Resume with"):
+        t.resume()
+    assert t.step == 0  # nothing was loaded
+    with pytest.warns(UserWarning, match=r"settings other than the checkpoint's: sampler\.steps 8 -> 16"):
+        Trainer(tiny_model(), denoise_loss, data, make_cfg(tmp_path, steps=6),
+                run_config={**run, "sampler": {"steps": 16}}).fit(stop_at=4)
+    state = load_checkpoint(checkpoint_path(tmp_path / "checkpoints", 4))
+    assert state["run_config"]["sampler"] == {"steps": 16}
+    del state["run_config"]  # a checkpoint written before run configs were kept
+    save_checkpoint(state, checkpoint_path(tmp_path / "checkpoints", 4))
+    assert Trainer(tiny_model(), denoise_loss, data, make_cfg(tmp_path, steps=6), run_config=other).fit()["step"] == 6
+    assert changed_run_config({"a": {"b": 1, "c": [1, 2]}, "d": 1}, {"a": {"b": 1, "c": [1, 3]}, "e": 2}) == [
+        "a.c [1, 2] -> [1, 3]", "d 1 -> '<absent>'", "e '<absent>' -> 2"]
+
+
 def test_nonfinite_loss_stops_naming_step_and_keeps_last_good_checkpoint(tmp_path):
     calls = {"n": 0}
 

@@ -65,6 +65,19 @@ def test_train_runs_and_resumes_to_the_same_weights(tmp_path, corpus, radd_run):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_resume_with_another_model_setting_is_refused_and_run_json_kept(tmp_path, corpus):
+    """The text H200 session's trap: a resume under another model.dropout trained on silently and
+    rewrote run.json. Now it is refused (exit 2 through Hydra) before run.json is touched."""
+    from core.engine.config import ConfigError
+
+    run(tmp_path, corpus, "model=radd", "trainer.stop_at=3")
+    before = (tmp_path / "run.json").read_text()
+    with pytest.raises(ConfigError, match=r"model\.dropout 0\.0 -> 0\.1"):
+        run(tmp_path, corpus, "model=radd", "model.dropout=0.1")
+    assert (tmp_path / "run.json").read_text() == before
+    assert run(tmp_path, corpus, "model=radd")["step"] == 6  # the checkpoint's own settings resume
+
+
 @pytest.mark.parametrize("kind", ["sedd", "ar", "difformer"])
 def test_other_models_train_with_the_same_settings(tmp_path, corpus, kind):
     out = run(tmp_path, corpus, f"model={kind}", "trainer.steps=2", "trainer.ckpt_every=2")

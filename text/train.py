@@ -131,14 +131,17 @@ def train(cfg: DictConfig) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     tok, train_chunks, val_chunks, split = prepare_data(data_cfg, out_dir)
     model = TextModel(model_cfg, tok.vocab_size)
-    if os.environ.get("RANK", "0") == "0":  # the process group does not exist yet: D.is_main() is True everywhere
+    n_params = sum(p.numel() for p in model.parameters())  # before the engine wraps (FSDP shards) it
+    trainer = Trainer(model, make_loss(model_cfg), train_chunks, ctx.trainer,
+                      sample_fn=make_sample_fn(model_cfg, ctx.groups["sampler"], tok, data_cfg.seq_len),
+                      run_config=ctx.snapshot())
+    trainer.resume()  # a refused resume (another model's checkpoint) stops before run.json is rewritten
+    if trainer.is_main:
         info = {"model": dataclasses.asdict(model_cfg), "data": dataclasses.asdict(data_cfg), "tokenizer": tok.spec(),
-                "vocab_size": tok.vocab_size, "parameters": sum(p.numel() for p in model.parameters()),
+                "vocab_size": tok.vocab_size, "parameters": n_params,
                 "train_chunks": train_chunks.shape[0], "val_chunks": val_chunks.shape[0], "split": split}
         atomic_write(out_dir / "run.json", lambda f: f.write(json.dumps(info, indent=1).encode()))
         atomic_write(out_dir / "val_chunk.pt", lambda f: torch.save(val_chunks[0].clone(), f))
-    trainer = Trainer(model, make_loss(model_cfg), train_chunks, ctx.trainer,
-                      sample_fn=make_sample_fn(model_cfg, ctx.groups["sampler"], tok, data_cfg.seq_len))
     result = trainer.fit()
     if trainer.is_main:
         print(json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in result.items()}), flush=True)

@@ -220,7 +220,7 @@ def train(cfg: DictConfig) -> dict:
     data = make_data(g["data"])
     model = Denoiser(data.shape[1], g["model"])
     trainer = Trainer(model, make_loss(g["path"], g["loss"]), data, ctx.trainer,
-                      sample_fn=make_sample_fn(g["path"], g["sampler"], data))
+                      sample_fn=make_sample_fn(g["path"], g["sampler"], data), run_config=ctx.snapshot())
     result = trainer.fit()
     if trainer.is_main:
         print(json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in result.items()}), flush=True)

@@ -5,7 +5,7 @@ A domain's entry point reads::
     def train(cfg):
         ctx = prepare(cfg, groups=("model", "data", "path", "sampler"))
         model = build_model(ctx.groups["model"])
-        return Trainer(model, loss_fn, data, ctx.trainer, sample_fn).fit()
+        return Trainer(model, loss_fn, data, ctx.trainer, sample_fn, run_config=ctx.snapshot()).fit()
 
     main = hydra_entry(train, Path(__file__).resolve().parents[1] / "configs" / "<domain>")
 
@@ -51,6 +51,13 @@ class RunContext:
     trainer: TrainerConfig
     groups: dict[str, Any] = field(default_factory=dict)
     world_size: int = 1
+
+    def snapshot(self) -> dict:
+        """The typed groups as plain values, for ``Trainer(..., run_config=ctx.snapshot())``: kept in
+        every checkpoint, so that a resume under another model is refused and other changes reported."""
+        from .trainer import plain_config
+
+        return plain_config(self.groups)
 
 
 def seed_everything(seed: int) -> None:

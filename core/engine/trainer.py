@@ -83,6 +83,27 @@ def changed_settings(saved: dict, now: dict) -> list[str]:
     return [f"{k} {saved[k]!r} -> {now[k]!r}" for k in OPTIMISATION_KEYS
             if k in saved and k in now and saved[k] != now[k]]
 
+def plain_config(config: Any) -> Any:
+    """``config`` (dataclasses, tuples, paths, ...) as plain JSON values, as a checkpoint keeps them."""
+    def default(o):
+        return dataclasses.asdict(o) if dataclasses.is_dataclass(o) else str(o)
+
+    return json.loads(json.dumps(config, default=default))
+
+
+def changed_run_config(saved: dict, now: dict, prefix: str = "") -> list[str]:
+    """``"group.key old -> new"`` for every leaf that differs between two :func:`plain_config` dicts
+    (a key only one of them has counts as changed: ``<absent>``)."""
+    out = []
+    for k in sorted(set(saved) | set(now), key=str):
+        a, b = saved.get(k, "<absent>"), now.get(k, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += changed_run_config(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k} {a!r} -> {b!r}")
+    return out
+
+
 LossFn = Callable[[nn.Module, Any, torch.Generator], Any]
 SampleFn = Callable[[nn.Module, int, Path], Any]
 
@@ -245,8 +266,12 @@ class Trainer:
     """See the module docstring. ``cfg`` is a :class:`TrainerConfig` (or a mapping merged onto it)."""
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, data: Any, cfg: TrainerConfig | Any,
-                 sample_fn: SampleFn | None = None, collate_fn: Callable | None = None):
+                 sample_fn: SampleFn | None = None, collate_fn: Callable | None = None,
+                 run_config: dict | None = None):
         self.cfg = cfg = to_schema(cfg, TrainerConfig, "trainer")
+        # the run's other config groups (RunContext.snapshot()), saved in every checkpoint: a resume
+        # under another "model" group is refused, other groups' changes are reported
+        self.run_config = plain_config(run_config) if run_config is not None else None
         self.device = resolve_device(cfg.device)
         D.init_distributed(self.device)
         self.rank, self.world = D.rank(), D.world_size()
@@ -424,6 +449,7 @@ class Trainer:
             "rng": D.gather_object(self._rng()),
             "world_size": self.world,
             "config": dataclasses.asdict(self.cfg),
+            "run_config": self.run_config,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -487,6 +513,14 @@ class Trainer:
         D.barrier()
         return path
 
+    def resume(self) -> int | None:
+        """Load the checkpoint ``trainer.resume`` asks for (the step resumed from, or None); :meth:`fit`
+        does it itself. An entry point calls it before writing its own files, so that a refused resume
+        (another model's checkpoint) leaves the run directory as it was. All ranks must call it."""
+        if not hasattr(self, "_resumed"):
+            self._resumed = self._resume()
+        return self._resumed
+
     def _resume(self) -> int | None:
         cfg = self.cfg
         if self.is_main:
@@ -509,6 +543,7 @@ class Trainer:
             path, state = found
         else:
             path, state = Path(cfg.resume), load_checkpoint(cfg.resume)
+        self._check_run_config(path, state)
         self.load_state_dict(state)
         self.last_checkpoint = path
         log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, self.epoch, self.index)
@@ -520,6 +555,23 @@ class Trainer:
             log.warning(msg)
             warnings.warn(msg, stacklevel=2)
         return self.step
+
+    def _check_run_config(self, path: Path, state: dict) -> None:
+        """Refuse a resume whose ``model`` group differs from the checkpoint's (its weights belong to
+        another model, or would train on under other settings unnoticed); report other groups' changes."""
+        saved = state.get("run_config")
+        if saved is None or self.run_config is None:  # checkpoints from before run configs were kept
+            return
+        changes = changed_run_config(saved, self.run_config)
+        model = [c for c in changes if c.startswith("model.")]
+        if model:
+            raise ConfigError(f"{path} (step {state.get('step')}) was written with other model settings than this "
+                              f"run's: {'; '.join(model)}. Resume with the checkpoint's model settings, "
+                              f"or start in another trainer.out_dir")
+        if changes and self.is_main:
+            msg = f"resuming {path} with settings other than the checkpoint's: " + "; ".join(changes)
+            log.warning(msg)
+            warnings.warn(msg, stacklevel=3)
 
     # ------------------------------------------------------------------ sampling / export
     def _sample(self) -> None:
@@ -561,7 +613,7 @@ class Trainer:
     def fit(self, stop_at: int | None = None) -> dict[str, Any]:
         """Train to ``cfg.steps`` (or stop after step ``stop_at`` / ``cfg.stop_at``, with a checkpoint)."""
         cfg = self.cfg
-        resumed = self._resume()
+        resumed = self.resume()
         stop = min(x for x in (stop_at, cfg.stop_at, cfg.steps) if x is not None)
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
