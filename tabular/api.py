@@ -56,7 +56,9 @@ class FitConfig:
     cpu_time_limit_s: float | None = None  # ... or after this much CPU time of the process
     sampler: str = "euler"  # core sampler used by .sample()
     sample_steps: int = 25
-    calibration_rows: int = 50_000  # rows drawn per round of the marginal calibration after fitting (0: none)
+    # draws the marginal calibration after fitting works over (TabularDiffusion.calibrate); None: four
+    # times the training rows, within [10,000, 50,000]; 0: no calibration
+    calibration_rows: int | None = None
     calibration_rounds: int = 5  # rounds fitting the categorical logit offsets (see TabularDiffusion.calibrate)
     device: str = "cpu"
     progress: bool = True
@@ -68,8 +70,8 @@ class FitConfig:
         for name in ("steps", "batch_size", "sample_steps", "calibration_rounds"):
             if getattr(self, name) < 1:
                 bad(name, "must be >= 1")
-        if self.calibration_rows < 0:
-            bad("calibration_rows", "must be >= 0 (0: no marginal calibration)")
+        if self.calibration_rows is not None and self.calibration_rows < 0:
+            bad("calibration_rows", "must be >= 0 (0: no marginal calibration) or None (automatic)")
         if not self.lr > 0:
             bad("lr", "must be > 0")
         if self.warmup_steps < 0:
@@ -146,8 +148,9 @@ class TabularDiffusion:
             if (hi > lo).any():
                 levels = (torch.from_numpy(lo), torch.from_numpy(hi - lo))
         self._train(torch.from_numpy(x_num), torch.from_numpy(x_cat), torch.from_numpy(observed), gen, levels)
+        self.train_rows = len(df)
         self.calibration, self.calibration_seconds = None, 0.0
-        if fc.calibration_rows:
+        if fc.calibration_rows != 0:
             t0 = time.perf_counter()
             self.calibrate()
             self.calibration_seconds = time.perf_counter() - t0
@@ -295,11 +298,18 @@ class TabularDiffusion:
             x_num = calibrate_scores(x_num, cal["num_quantiles"], known)
         return self.encoder.decode(x_num, x_cat)
 
+    def auto_calibration_rows(self) -> int:
+        """The default number of calibration draws: four times the training rows, within [10,000,
+        50,000] (50,000 for a model saved before the training rows were recorded)."""
+        n = getattr(self, "train_rows", None)
+        return int(min(50_000, max(10_000, 4 * n))) if n else 50_000
+
     def calibrate(self, rows: int | None = None, rounds: int | None = None, *, seed: int = 1_000_003,
                   sampler: str | None = None, steps: int | None = None, batch_size: int = 10_000) -> TabularDiffusion:
         """Fit the marginal calibration used by :meth:`sample` and :meth:`impute` (run by :meth:`fit`
         with ``calibration_rows`` / ``calibration_rounds``; call again for another sampler or number
-        of steps). Needs no data: the targets are the training marginals the model keeps.
+        of steps). Needs no data: the targets are the training marginals the model keeps. ``rows``:
+        the number of draws (default ``calibration_rows``, else :meth:`auto_calibration_rows`).
 
         Categories: an offset per category added to its logits at every sampling step (a fixed
         reweighting of the model's class posteriors), fitted in ``rounds`` rounds over the same
@@ -317,7 +327,8 @@ class TabularDiffusion:
         """
         self._require_fitted()
         fc = self.fit_config
-        rows = fc.calibration_rows if rows is None else rows
+        if rows is None:
+            rows = fc.calibration_rows or self.auto_calibration_rows()
         rounds = fc.calibration_rounds if rounds is None else rounds
         for name, v in (("rows", rows), ("rounds", rounds), ("steps", 1 if steps is None else steps)):
             if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < 1:
@@ -450,7 +461,7 @@ class TabularDiffusion:
                 "encoder": self.encoder.state(), "model_config": dataclasses.asdict(self.model_config),
                 "fit_config": dataclasses.asdict(self.fit_config),
                 "fit_steps": getattr(self, "fit_steps", None), "fit_seconds": getattr(self, "fit_seconds", None),
-                "calibration": self.calibration}
+                "calibration": self.calibration, "train_rows": getattr(self, "train_rows", None)}
         state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
         for name, write in (("model.safetensors", lambda p: save_file(state, p)),
                             ("tabular.json", lambda p: Path(p).write_text(json.dumps(meta)))):
@@ -479,6 +490,7 @@ class TabularDiffusion:
         obj.encoder = TableEncoder.from_state(obj.schema, meta["encoder"])
         obj.fit_steps, obj.fit_seconds = meta.get("fit_steps"), meta.get("fit_seconds")
         obj.calibration = meta.get("calibration")  # None in files written before calibration existed
+        obj.train_rows = meta.get("train_rows")
         state = load_file(str(path / "model.safetensors"))
         props = [torch.full((k,), 1.0 / k) for k in obj.encoder.cardinalities]  # buffers come from the file
         obj.model = CDTD(len(obj.encoder.num_cols), obj.encoder.cardinalities, obj.model_config, props)

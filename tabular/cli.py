@@ -97,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--batch-size", type=_positive_int, default=1024)
     f.add_argument("--denoiser", default="mlp", choices=["mlp", "transformer"])
     f.add_argument("--seed", type=int, default=0)
-    f.add_argument("--calibration-rows", type=_nonnegative_int, default=50_000,
-                   help="rows per round of the marginal calibration after fitting (0: none)")
+    f.add_argument("--calibration-rows", type=_nonnegative_int, default=None,
+                   help="draws of the marginal calibration after fitting (default: 4x the rows, 10,000-50,000; 0: none)")
     s = sub.add_parser("sample", help="sample rows from a saved model")
     s.add_argument("--model", required=True)
     s.add_argument("-n", type=_positive_int, required=True)
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             m = _load_model(args.model)
             _check_conditions(conditions, m.schema)
             if args.recalibrate:
-                m.calibrate(rows=m.fit_config.calibration_rows or 50_000, steps=args.steps)
+                m.calibrate(steps=args.steps)
             df = m.sample(args.n, conditions=conditions, seed=args.seed, steps=args.steps)
             df.to_csv(out, index=False)
             print(f"wrote {len(df)} rows to {out}")

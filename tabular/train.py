@@ -88,12 +88,12 @@ class TabularSamplerConfig:
     n_samples: int | None = None
     seed: int = 0
     batch_size: int = 10000
-    calibration_rows: int = 50000  # marginal calibration after fitting (TabularDiffusion.calibrate); 0: none
+    calibration_rows: int | None = None  # marginal calibration draws (TabularDiffusion.calibrate); null: auto, 0: none
     calibration_rounds: int = 5
 
     def validate(self) -> None:
         check_sampler(self.name, "sampler.name")
-        if self.calibration_rows < 0 or self.calibration_rounds < 1:
+        if (self.calibration_rows is not None and self.calibration_rows < 0) or self.calibration_rounds < 1:
             raise ValueError(f"sampler.calibration_rows must be >= 0 and sampler.calibration_rounds >= 1, got "
                              f"{self.calibration_rows}, {self.calibration_rounds}")
         if self.steps < 1 or self.batch_size < 1 or (self.n_samples is not None and self.n_samples < 1):

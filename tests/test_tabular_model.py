@@ -631,3 +631,15 @@ def test_calibration_is_tied_to_its_sampler_and_steps_and_saved(tmp_path):
         m.calibrate(sampler="euler_maruyama")
     with pytest.raises(ValueError, match="calibration_rows=-1"):
         TabularDiffusion(calibration_rows=-1)
+
+
+def test_calibration_draws_default_to_four_times_the_rows_within_bounds(tmp_path):
+    df = _three_groups(300)
+    torch.manual_seed(0)
+    m = TabularDiffusion(steps=5, warmup_steps=1, **{**TINY, "calibration_rows": None}).fit(df)
+    assert m.calibration["rows"] == 10_000  # 4 x 300 is below the floor
+    for n, rows in ((300, 10_000), (5_000, 20_000), (32_561, 50_000)):
+        m.train_rows = n
+        assert m.auto_calibration_rows() == rows
+    m.save(tmp_path / "m")
+    assert TabularDiffusion.load(tmp_path / "m").train_rows == 32_561
