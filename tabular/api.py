@@ -56,10 +56,10 @@ class FitConfig:
     cpu_time_limit_s: float | None = None  # ... or after this much CPU time of the process
     sampler: str = "euler"  # core sampler used by .sample()
     sample_steps: int = 25
-    # draws the marginal calibration after fitting works over (TabularDiffusion.calibrate); None: four
-    # times the training rows, within [10,000, 50,000]; 0: no calibration
+    # draws per round of the marginal calibration after fitting (TabularDiffusion.calibrate); None: four
+    # times the training rows, within [10,000, 30,000]; 0: no calibration
     calibration_rows: int | None = None
-    calibration_rounds: int = 5  # rounds fitting the categorical logit offsets (see TabularDiffusion.calibrate)
+    calibration_rounds: int = 8  # rounds fitting the categorical logit offsets (see TabularDiffusion.calibrate)
     device: str = "cpu"
     progress: bool = True
 
@@ -299,10 +299,10 @@ class TabularDiffusion:
         return self.encoder.decode(x_num, x_cat)
 
     def auto_calibration_rows(self) -> int:
-        """The default number of calibration draws: four times the training rows, within [10,000,
-        50,000] (50,000 for a model saved before the training rows were recorded)."""
+        """The default number of calibration draws per round: four times the training rows, within
+        [10,000, 30,000] (30,000 for a model saved before the training rows were recorded)."""
         n = getattr(self, "train_rows", None)
-        return int(min(50_000, max(10_000, 4 * n))) if n else 50_000
+        return int(min(30_000, max(10_000, 4 * n))) if n else 30_000
 
     def calibrate(self, rows: int | None = None, rounds: int | None = None, *, seed: int = 1_000_003,
                   sampler: str | None = None, steps: int | None = None, batch_size: int = 10_000) -> TabularDiffusion:
@@ -312,17 +312,18 @@ class TabularDiffusion:
         the number of draws (default ``calibration_rows``, else :meth:`auto_calibration_rows`).
 
         Categories: an offset per category added to its logits at every sampling step (a fixed
-        reweighting of the model's class posteriors), fitted in ``rounds`` rounds over the same
-        ``rows`` unconditional draws (the same noise, so rounds differ by the offsets alone). Per
-        feature, ``b <- b_best + a clip(log(p_data / p_best), -1, 1)`` from the offsets with the
-        lowest total variation so far, ``a`` starting at 1/2 and halved whenever a round is worse
-        than the best: the offsets act at every step and compound, so a full step overshoots. This
-        corrects a model whose marginals are off by a few per cent; it cannot make a model that never
-        generates a category generate it at the right rate.
+        reweighting of the model's class posteriors), fitted by stochastic approximation over
+        ``rounds`` rounds of ``rows`` fresh unconditional draws: per feature ``b <- b + a clip(log(p_data
+        / p_model), -1, 1)``, ``a`` starting at 1/2 and halved whenever a round's total variation
+        rises (the offsets act at every step and compound, so a full step overshoots), and the
+        result is the mean of the second half of the rounds' offsets (Polyak averaging: the draws'
+        noise averages out instead of being fitted). This corrects a model whose marginals are off by
+        a few per cent; it cannot make a model that never generates a category generate it at the
+        right rate.
 
         Numbers: a monotone map per column from the model's marginal to the data's: the model's
-        scores through their own CDF (estimated from the same draws once more, with the final
-        offsets), then through the data's quantile function. Each cell is mapped on its own, so
+        scores through their own CDF (estimated from ``rows`` more draws with the final offsets),
+        then through the data's quantile function. Each cell is mapped on its own, so
         samples stay independent and ranks within a column are kept. Returns ``self``.
         """
         self._require_fitted()
@@ -340,26 +341,26 @@ class TabularDiffusion:
         init = self.model.logit_init.detach().cpu().double().exp()
         target = [p / p.sum() for p in torch.split(init, cards)] if cards else []
         bias = [torch.zeros(k, dtype=torch.float64) for k in cards]
-        # per feature: the best offsets so far, their frequencies and TV, and the step size
-        best = [(b, None, math.inf) for b in bias]
-        gain = [0.5] * len(cards)
+        gain, last_tv = [0.5] * len(cards), [math.inf] * len(cards)
+        kept = []  # the offsets of the second half of the rounds, averaged at the end
         gen = torch.Generator(device=torch.device(fc.device))
         eps = 0.5 / rows
-        for _ in tqdm(range(rounds if cards else 0), desc="CDTD calibrate", disable=not fc.progress):
-            gen.manual_seed(int(seed))  # the same draws every round: rounds differ by the offsets alone
+        for r in tqdm(range(rounds if cards else 0), desc="CDTD calibrate", disable=not fc.progress):
+            gen.manual_seed(int(seed) + 1 + r)  # fresh draws every round: their noise averages out
             _, x_cat = self._encoded(rows, None, None, None, None, gen, batch_size, sampler, steps,
                                      [b.float() for b in bias])
             for j, k in enumerate(cards):
                 freq = torch.from_numpy(np.bincount(x_cat[:, j], minlength=k) / rows)
                 tv = 0.5 * float((freq - target[j]).abs().sum())
-                if tv <= best[j][2]:
-                    best[j] = (bias[j], freq, tv)
-                else:  # overshot: back to the best offsets with half the step
+                if tv > last_tv[j]:  # overshot (or noise): smaller steps from here on
                     gain[j] *= 0.5
-                b, freq, _ = best[j]
-                b = b + gain[j] * ((target[j] + eps).log() - (freq + eps).log()).clamp(-1.0, 1.0)
+                last_tv[j] = tv
+                b = bias[j] + gain[j] * ((target[j] + eps).log() - (freq + eps).log()).clamp(-1.0, 1.0)
                 bias[j] = (b - b.mean()).clamp(-20.0, 20.0)
-        bias = [b for b, _, _ in best]
+            if r >= rounds // 2:
+                kept.append(list(bias))
+        if kept:
+            bias = [torch.stack([k[j] for k in kept]).mean(0) for j in range(len(cards))]
         gen.manual_seed(int(seed))
         x_num, x_cat = self._encoded(rows, None, None, None, None, gen, batch_size, sampler, steps,
                                      [b.float() for b in bias], desc=None)

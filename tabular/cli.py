@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--denoiser", default="mlp", choices=["mlp", "transformer"])
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--calibration-rows", type=_nonnegative_int, default=None,
-                   help="draws of the marginal calibration after fitting (default: 4x the rows, 10,000-50,000; 0: none)")
+                   help="draws per round of the marginal calibration after fitting (default: 4x the rows, 10,000-30,000; 0: none)")
     s = sub.add_parser("sample", help="sample rows from a saved model")
     s.add_argument("--model", required=True)
     s.add_argument("-n", type=_positive_int, required=True)

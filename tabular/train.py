@@ -88,8 +88,8 @@ class TabularSamplerConfig:
     n_samples: int | None = None
     seed: int = 0
     batch_size: int = 10000
-    calibration_rows: int | None = None  # marginal calibration draws (TabularDiffusion.calibrate); null: auto, 0: none
-    calibration_rounds: int = 5
+    calibration_rows: int | None = None  # draws per calibration round (TabularDiffusion.calibrate); null: auto, 0: none
+    calibration_rounds: int = 8
 
     def validate(self) -> None:
         check_sampler(self.name, "sampler.name")

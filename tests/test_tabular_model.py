@@ -638,7 +638,7 @@ def test_calibration_draws_default_to_four_times_the_rows_within_bounds(tmp_path
     torch.manual_seed(0)
     m = TabularDiffusion(steps=5, warmup_steps=1, **{**TINY, "calibration_rows": None}).fit(df)
     assert m.calibration["rows"] == 10_000  # 4 x 300 is below the floor
-    for n, rows in ((300, 10_000), (5_000, 20_000), (32_561, 50_000)):
+    for n, rows in ((300, 10_000), (5_000, 20_000), (32_561, 30_000)):
         m.train_rows = n
         assert m.auto_calibration_rows() == rows
     m.save(tmp_path / "m")
