@@ -309,7 +309,7 @@ class TabularDiffusion:
         """Fit the marginal calibration used by :meth:`sample` and :meth:`impute` (run by :meth:`fit`
         with ``calibration_rows`` / ``calibration_rounds``; call again for another sampler or number
         of steps). Needs no data: the targets are the training marginals the model keeps. ``rows``:
-        the number of draws (default ``calibration_rows``, else :meth:`auto_calibration_rows`).
+        draws per round (default ``calibration_rows``, else :meth:`auto_calibration_rows`).
 
         Categories: an offset per category added to its logits at every sampling step (a fixed
         reweighting of the model's class posteriors), fitted by stochastic approximation over
@@ -348,7 +348,7 @@ class TabularDiffusion:
         for r in tqdm(range(rounds if cards else 0), desc="CDTD calibrate", disable=not fc.progress):
             gen.manual_seed(int(seed) + 1 + r)  # fresh draws every round: their noise averages out
             _, x_cat = self._encoded(rows, None, None, None, None, gen, batch_size, sampler, steps,
-                                     [b.float() for b in bias])
+                                     [b.float() for b in bias], desc=None)
             for j, k in enumerate(cards):
                 freq = torch.from_numpy(np.bincount(x_cat[:, j], minlength=k) / rows)
                 tv = 0.5 * float((freq - target[j]).abs().sum())
