@@ -322,8 +322,8 @@ class TabularDiffusion:
         right rate.
 
         Numbers: a monotone map per column from the model's marginal to the data's: the model's
-        scores through their own CDF (estimated from ``rows`` more draws with the final offsets),
-        then through the data's quantile function. Each cell is mapped on its own, so
+        scores through their own CDF (estimated from ``rows`` more draws with the final offsets,
+        pooled with the second half of the rounds' draws), then through the data's quantile function. Each cell is mapped on its own, so
         samples stay independent and ranks within a column are kept. Returns ``self``.
         """
         self._require_fitted()
@@ -342,13 +342,15 @@ class TabularDiffusion:
         target = [p / p.sum() for p in torch.split(init, cards)] if cards else []
         bias = [torch.zeros(k, dtype=torch.float64) for k in cards]
         gain, last_tv = [0.5] * len(cards), [math.inf] * len(cards)
-        kept = []  # the offsets of the second half of the rounds, averaged at the end
+        kept, pooled = [], []  # the offsets of the second half of the rounds (averaged at the end), their draws
         gen = torch.Generator(device=torch.device(fc.device))
         eps = 0.5 / rows
         for r in tqdm(range(rounds if cards else 0), desc="CDTD calibrate", disable=not fc.progress):
             gen.manual_seed(int(seed) + 1 + r)  # fresh draws every round: their noise averages out
-            _, x_cat = self._encoded(rows, None, None, None, None, gen, batch_size, sampler, steps,
-                                     [b.float() for b in bias], desc=None)
+            x_num, x_cat = self._encoded(rows, None, None, None, None, gen, batch_size, sampler, steps,
+                                         [b.float() for b in bias], desc=None)
+            if r >= rounds // 2:  # late rounds: offsets near the final ones; their numbers are pooled below
+                pooled.append((x_num, x_cat))
             for j, k in enumerate(cards):
                 freq = torch.from_numpy(np.bincount(x_cat[:, j], minlength=k) / rows)
                 tv = 0.5 * float((freq - target[j]).abs().sum())
@@ -364,6 +366,12 @@ class TabularDiffusion:
         gen.manual_seed(int(seed))
         x_num, x_cat = self._encoded(rows, None, None, None, None, gen, batch_size, sampler, steps,
                                      [b.float() for b in bias], desc=None)
+        residual = [0.5 * float(np.abs(np.bincount(x_cat[:, j], minlength=k) / rows - target[j].numpy()).sum())
+                    for j, k in enumerate(cards)]
+        # the numerical CDFs from the final draws and the late rounds' together: their noise adds to
+        # every calibrated sample's, so more draws for free
+        x_num = np.concatenate([x_num] + [a for a, _ in pooled])
+        x_cat = np.concatenate([x_cat] + [c for _, c in pooled])
         n_cat = len(enc.cat_cols)
         flag_of = {c.name: n_cat + k for k, c in enumerate(enc.flag_cols)}
         quantiles = []
@@ -372,8 +380,6 @@ class TabularDiffusion:
             if col.name in flag_of:  # cells generated as missing carry a placeholder score
                 z = z[x_cat[:, flag_of[col.name]] == 0]
             quantiles.append(np.quantile(z, np.linspace(0.0, 1.0, min(1001, len(z)))).tolist() if len(z) > 1 else None)
-        residual = [0.5 * float(np.abs(np.bincount(x_cat[:, j], minlength=k) / rows - target[j].numpy()).sum())
-                    for j, k in enumerate(cards)]
         self.calibration = {"sampler": sampler, "steps": steps, "rows": int(rows), "rounds": int(rounds),
                             "seed": int(seed), "cat_bias": [b.tolist() for b in bias], "num_quantiles": quantiles,
                             "residual_tv": residual}
