@@ -54,7 +54,8 @@ def train_autoencoder(cfg: DictConfig) -> dict:
     model = KLAutoencoder(ae_cfg, C, enc_dim)
     out_dir = Path(ctx.trainer.out_dir).resolve()
     trainer = Trainer(model, make_autoencoder_loss(ae_cfg, encoder),
-                      torch.utils.data.TensorDataset(pixels, images.labels), ctx.trainer, run_config=ctx.snapshot())
+                      torch.utils.data.TensorDataset(pixels, images.labels), ctx.trainer, run_config=ctx.snapshot(),
+                      model_groups=("ae",))
     result = trainer.fit()
     if trainer.is_main and trainer.step >= ctx.trainer.steps:
         model.eval()

@@ -314,6 +314,13 @@ def test_resume_under_another_model_is_refused_and_other_groups_are_reported(tmp
     del state["run_config"]  # a checkpoint written before run configs were kept
     save_checkpoint(state, checkpoint_path(tmp_path / "checkpoints", 4))
     assert Trainer(tiny_model(), denoise_loss, data, make_cfg(tmp_path, steps=6), run_config=other).fit()["step"] == 6
+    # a domain whose model group has another name (image's autoencoder: "ae") names it
+    ae = tmp_path / "ae"
+    Trainer(tiny_model(), denoise_loss, data, make_cfg(ae, steps=4), run_config={"ae": {"ch": 8}},
+            model_groups=("ae",)).fit(stop_at=2)
+    with pytest.raises(ConfigError, match=r"ae\.ch 8 -> 16"):
+        Trainer(tiny_model(), denoise_loss, data, make_cfg(ae, steps=4), run_config={"ae": {"ch": 16}},
+                model_groups=("ae",)).resume()
     assert changed_run_config({"a": {"b": 1, "c": [1, 2]}, "d": 1}, {"a": {"b": 1, "c": [1, 3]}, "e": 2}) == [
         "a.c [1, 2] -> [1, 3]", "d 1 -> '<absent>'", "e '<absent>' -> 2"]
 

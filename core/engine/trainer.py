@@ -83,6 +83,7 @@ def changed_settings(saved: dict, now: dict) -> list[str]:
     return [f"{k} {saved[k]!r} -> {now[k]!r}" for k in OPTIMISATION_KEYS
             if k in saved and k in now and saved[k] != now[k]]
 
+
 def plain_config(config: Any) -> Any:
     """``config`` (dataclasses, tuples, paths, ...) as plain JSON values, as a checkpoint keeps them."""
     def default(o):
@@ -267,11 +268,12 @@ class Trainer:
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, data: Any, cfg: TrainerConfig | Any,
                  sample_fn: SampleFn | None = None, collate_fn: Callable | None = None,
-                 run_config: dict | None = None):
+                 run_config: dict | None = None, model_groups: tuple[str, ...] = ("model",)):
         self.cfg = cfg = to_schema(cfg, TrainerConfig, "trainer")
         # the run's other config groups (RunContext.snapshot()), saved in every checkpoint: a resume
-        # under another "model" group is refused, other groups' changes are reported
+        # under other ``model_groups`` settings is refused, other groups' changes are reported
         self.run_config = plain_config(run_config) if run_config is not None else None
+        self.model_groups = tuple(model_groups)
         self.device = resolve_device(cfg.device)
         D.init_distributed(self.device)
         self.rank, self.world = D.rank(), D.world_size()
@@ -557,13 +559,14 @@ class Trainer:
         return self.step
 
     def _check_run_config(self, path: Path, state: dict) -> None:
-        """Refuse a resume whose ``model`` group differs from the checkpoint's (its weights belong to
-        another model, or would train on under other settings unnoticed); report other groups' changes."""
+        """Refuse a resume whose model groups (``model_groups``) differ from the checkpoint's (its
+        weights belong to another model, or would train on under other settings unnoticed); report
+        other groups' changes."""
         saved = state.get("run_config")
         if saved is None or self.run_config is None:  # checkpoints from before run configs were kept
             return
         changes = changed_run_config(saved, self.run_config)
-        model = [c for c in changes if c.startswith("model.")]
+        model = [c for c in changes if c.split(".", 1)[0] in self.model_groups]
         if model:
             raise ConfigError(f"{path} (step {state.get('step')}) was written with other model settings than this "
                               f"run's: {'; '.join(model)}. Resume with the checkpoint's model settings, "
