@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     from tabular.api import TabularDiffusion
     from tabular.baseline import GaussianCopula
     from tabular.data import DATASETS, load_dataset
-    from tabular.metrics import _shapes
+    from tabular.metrics import column_shapes
 
     if args.data not in DATASETS:
         p.error(f"unknown --data {args.data!r}; choose one of {sorted(DATASETS)}")
@@ -97,7 +97,7 @@ def main(argv=None) -> int:
             for name, df in (("uncalibrated", m.sample(len(train), seed=seed, calibrated=False)),
                              ("calibrated", m.sample(len(train), seed=seed)),
                              ("gaussian_copula", cop.sample(len(train), seed=seed))):
-                runs[name].append(_means(_shapes(train, test, df, m.schema)))
+                runs[name].append(_means(column_shapes(train, test, df, m.schema)))
         runs["multinomial_tv"].append(multinomial_tv(train, m.schema, len(train), rng))
         print(f"seed {seed}: " + "; ".join(f"{k} KS {fmt(v[-1]['ks'], 0)} TV {fmt(v[-1]['tv'], 0)}"
                                             for k, v in runs.items() if k != "multinomial_tv"), flush=True)
@@ -127,7 +127,7 @@ def main(argv=None) -> int:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 df = m.sample(10_000, conditions={col: real[col].iloc[0]}, seed=3, calibrated=cal)
-            shapes = _shapes(real, real, df, m.schema)
+            shapes = column_shapes(real, real, df, m.schema)
             shapes.pop(col)
             row[name] = {k: v for k, v in _means(shapes).items() if not k.endswith("holdout")}
         result["conditional"][cond] = row

@@ -250,7 +250,7 @@ def dcr(train: pd.DataFrame, holdout: pd.DataFrame, synth: pd.DataFrame, schema:
 # -- the report ------------------------------------------------------------------------------------
 
 
-def _shapes(train: pd.DataFrame, test: pd.DataFrame, synth: pd.DataFrame, schema: Schema) -> dict:
+def column_shapes(train: pd.DataFrame, test: pd.DataFrame, synth: pd.DataFrame, schema: Schema) -> dict:
     """Per column: KS (numerical) or TV (categorical) of ``synth`` against ``train`` and against ``test``."""
     shapes = {}
     for c in schema.columns:
@@ -266,7 +266,7 @@ def _shapes(train: pd.DataFrame, test: pd.DataFrame, synth: pd.DataFrame, schema
 def evaluate(train: pd.DataFrame, test: pd.DataFrame, synth: pd.DataFrame, schema: Schema,
              target: str | None = None, task: str | None = None, *, seed: int = 0) -> dict:
     """All metrics of one synthetic table against the real training table (and test set)."""
-    shapes = _shapes(train, test, synth, schema)
+    shapes = column_shapes(train, test, synth, schema)
     ks = [v["ks"] for v in shapes.values() if "ks" in v]
     tv = [v["tv"] for v in shapes.values() if "tv" in v]
     ks_ho = [v["ks_holdout"] for v in shapes.values() if "ks" in v]
@@ -301,7 +301,7 @@ def fidelity_report(train: pd.DataFrame, test: pd.DataFrame, synthetic: dict[str
     """
     rep = {"rows": {"train": len(train), "test": len(test), **{k: len(v) for k, v in synthetic.items()}},
            "target": target, "task": task, "models": {}}
-    floor = _shapes(train, test, train, schema)  # the training rows themselves against the holdout
+    floor = column_shapes(train, test, train, schema)  # the training rows themselves against the holdout
     ks_f = [v["ks_holdout"] for v in floor.values() if "ks_holdout" in v]
     tv_f = [v["tv_holdout"] for v in floor.values() if "tv_holdout" in v]
     rep["holdout_floor"] = {"ks_mean": float(np.mean(ks_f)) if ks_f else None,
