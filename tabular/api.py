@@ -67,11 +67,14 @@ class FitConfig:
         def bad(name, why):
             raise ValueError(f"FitConfig.{name}={getattr(self, name)!r}: {why}")
 
-        for name in ("steps", "batch_size", "sample_steps", "calibration_rounds"):
+        for name in ("steps", "batch_size", "sample_steps"):
             if getattr(self, name) < 1:
                 bad(name, "must be >= 1")
-        if self.calibration_rows is not None and self.calibration_rows < 0:
-            bad("calibration_rows", "must be >= 0 (0: no marginal calibration) or None (automatic)")
+        # checked here, not when fit() reaches the calibration after the whole training run
+        if not _is_positive_int(self.calibration_rounds):
+            bad("calibration_rounds", "must be an integer >= 1")
+        if self.calibration_rows is not None and not (self.calibration_rows == 0 or _is_positive_int(self.calibration_rows)):
+            bad("calibration_rows", "must be an integer >= 0 (0: no marginal calibration) or None (automatic)")
         if not self.lr > 0:
             bad("lr", "must be > 0")
         if self.warmup_steps < 0:
@@ -82,6 +85,11 @@ class FitConfig:
             if getattr(self, name) is not None and not getattr(self, name) > 0:
                 bad(name, "must be > 0 or None")
         check_sampler(self.sampler, "FitConfig.sampler")
+
+
+def _is_positive_int(v) -> bool:
+    """An int (numpy's too) >= 1; not a bool, not a float such as 2.5."""
+    return not isinstance(v, bool) and isinstance(v, int | np.integer) and v >= 1
 
 
 def calibrate_scores(x_num: np.ndarray, quantiles: list, known: np.ndarray | None = None) -> np.ndarray:
@@ -278,7 +286,7 @@ class TabularDiffusion:
         return np.concatenate(outs_num), np.concatenate(outs_cat)
 
     def _generate(self, n, mask, num, cat, forbid, seed, batch_size, sampler, steps, calibrated=True):
-        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int | np.integer) or steps < 1):
+        if steps is not None and not _is_positive_int(steps):
             # checked, not `steps or default`: a 0 would silently sample with the default
             raise ValueError(f"steps must be a positive integer or None, got {steps!r}")
         fc = self.fit_config
@@ -332,7 +340,7 @@ class TabularDiffusion:
             rows = fc.calibration_rows or self.auto_calibration_rows()
         rounds = fc.calibration_rounds if rounds is None else rounds
         for name, v in (("rows", rows), ("rounds", rounds), ("steps", 1 if steps is None else steps)):
-            if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < 1:
+            if not _is_positive_int(v):
                 raise ValueError(f"calibrate: {name} must be a positive integer, got {v!r}")
         sampler = sampler or fc.sampler
         check_sampler(sampler, "calibrate: sampler")
@@ -392,7 +400,7 @@ class TabularDiffusion:
         marginal calibration (:meth:`calibrate`) when the model has one for this sampler and number of
         steps (a warning says when it has one only for others)."""
         self._require_fitted()
-        if not isinstance(n, int | np.integer) or n < 1:
+        if not _is_positive_int(n):
             raise ValueError(f"n must be a positive integer, got {n!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")

@@ -321,6 +321,9 @@ def test_resume_under_another_model_is_refused_and_other_groups_are_reported(tmp
     with pytest.raises(ConfigError, match=r"ae\.ch 8 -> 16"):
         Trainer(tiny_model(), denoise_loss, data, make_cfg(ae, steps=4), run_config={"ae": {"ch": 16}},
                 model_groups=("ae",)).resume()
+    with pytest.raises(ConfigError, match=r"ae\.ch 8 -> 16"):  # one group given as a plain string
+        Trainer(tiny_model(), denoise_loss, data, make_cfg(ae, steps=4), run_config={"ae": {"ch": 16}},
+                model_groups="ae").resume()
     assert changed_run_config({"a": {"b": 1, "c": [1, 2]}, "d": 1}, {"a": {"b": 1, "c": [1, 3]}, "e": 2}) == [
         "a.c [1, 2] -> [1, 3]", "d 1 -> '<absent>'", "e '<absent>' -> 2"]
 

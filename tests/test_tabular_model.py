@@ -631,6 +631,13 @@ def test_calibration_is_tied_to_its_sampler_and_steps_and_saved(tmp_path):
         m.calibrate(sampler="euler_maruyama")
     with pytest.raises(ValueError, match="calibration_rows=-1"):
         TabularDiffusion(calibration_rows=-1)
+    # refused when the model is made, not when fit() reaches the calibration after training
+    for kw, what in ((dict(calibration_rows=2.5), "calibration_rows=2.5"), (dict(calibration_rounds=2.5), "calibration_rounds=2.5"),
+                     (dict(calibration_rounds=True), "calibration_rounds=True")):
+        with pytest.raises(ValueError, match=what):
+            TabularDiffusion(**kw)
+    with pytest.raises(ValueError, match="n must be a positive integer, got True"):
+        m.sample(True)
 
 
 def test_calibration_draws_default_to_four_times_the_rows_within_bounds(tmp_path):

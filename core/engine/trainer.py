@@ -273,7 +273,9 @@ class Trainer:
         # the run's other config groups (RunContext.snapshot()), saved in every checkpoint: a resume
         # under other ``model_groups`` settings is refused, other groups' changes are reported
         self.run_config = plain_config(run_config) if run_config is not None else None
-        self.model_groups = tuple(model_groups)
+        self.model_groups = (model_groups,) if isinstance(model_groups, str) else tuple(model_groups)
+        self._resumed: int | None = None
+        self._resume_done = False
         self.device = resolve_device(cfg.device)
         D.init_distributed(self.device)
         self.rank, self.world = D.rank(), D.world_size()
@@ -519,8 +521,8 @@ class Trainer:
         """Load the checkpoint ``trainer.resume`` asks for (the step resumed from, or None); :meth:`fit`
         does it itself. An entry point calls it before writing its own files, so that a refused resume
         (another model's checkpoint) leaves the run directory as it was. All ranks must call it."""
-        if not hasattr(self, "_resumed"):
-            self._resumed = self._resume()
+        if not self._resume_done:
+            self._resumed, self._resume_done = self._resume(), True
         return self._resumed
 
     def _resume(self) -> int | None:
