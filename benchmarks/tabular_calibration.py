@@ -29,11 +29,10 @@ import torch
 
 
 def _means(shapes: dict) -> dict:
-    def mean(key):
-        vals = [v[key] for v in shapes.values() if key in v]
-        return float(np.mean(vals)) if vals else None
+    """:func:`tabular.metrics.shape_means` keyed ks / tv / ks_holdout / tv_holdout."""
+    from tabular.metrics import shape_means
 
-    return {"ks": mean("ks"), "tv": mean("tv"), "ks_holdout": mean("ks_holdout"), "tv_holdout": mean("tv_holdout")}
+    return {k.replace("_mean", ""): v for k, v in shape_means(shapes).items()}
 
 
 def fmt(x, width: int = 7) -> str:

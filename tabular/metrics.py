@@ -263,22 +263,28 @@ def column_shapes(train: pd.DataFrame, test: pd.DataFrame, synth: pd.DataFrame, 
     return shapes
 
 
+def shape_means(shapes: dict) -> dict:
+    """Means over the columns of :func:`column_shapes`: ``ks_mean``, ``tv_mean``, ``ks_mean_holdout``,
+    ``tv_mean_holdout`` (None where the table has no column of that kind)."""
+    def mean(key):
+        vals = [v[key] for v in shapes.values() if key in v]
+        return float(np.mean(vals)) if vals else None
+
+    return {"ks_mean": mean("ks"), "tv_mean": mean("tv"), "ks_mean_holdout": mean("ks_holdout"),
+            "tv_mean_holdout": mean("tv_holdout")}
+
+
 def evaluate(train: pd.DataFrame, test: pd.DataFrame, synth: pd.DataFrame, schema: Schema,
              target: str | None = None, task: str | None = None, *, seed: int = 0) -> dict:
     """All metrics of one synthetic table against the real training table (and test set)."""
     shapes = column_shapes(train, test, synth, schema)
     ks = [v["ks"] for v in shapes.values() if "ks" in v]
     tv = [v["tv"] for v in shapes.values() if "tv" in v]
-    ks_ho = [v["ks_holdout"] for v in shapes.values() if "ks" in v]
-    tv_ho = [v["tv_holdout"] for v in shapes.values() if "tv" in v]
     names, a_real = association_matrix(train, schema)
     _, a_syn = association_matrix(synth, schema)
     diff = np.abs(a_real - a_syn)
     iu = np.triu_indices(len(names), 1)
-    out = {"columns": shapes,
-           "ks_mean": float(np.mean(ks)) if ks else None, "tv_mean": float(np.mean(tv)) if tv else None,
-           "ks_mean_holdout": float(np.mean(ks_ho)) if ks_ho else None,
-           "tv_mean_holdout": float(np.mean(tv_ho)) if tv_ho else None,
+    out = {"columns": shapes, **shape_means(shapes),
            "shape_error": float(np.mean(ks + tv)),
            "corr_diff": float(diff[iu].mean()) if len(iu[0]) else 0.0,
            "corr_diff_matrix": {"columns": names, "values": diff.round(4).tolist()},
