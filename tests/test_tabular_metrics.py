@@ -104,6 +104,32 @@ def test_copula_reproduces_a_gaussian_correlation():
     assert set(s["c"]) <= {"p", "q", "r"}
 
 
+def test_copula_imputes_from_the_gaussian_conditional():
+    """Given a, b's normal score is drawn from N(rho z_a, 1 - rho^2); observed cells stay; a missing
+    category is never imputed; an unseen category is refused by name."""
+    rng = np.random.default_rng(0)
+    n, rho = 20000, 0.7
+    z = rng.multivariate_normal([0, 0], [[1, rho], [rho, 1]], size=n)
+    c = np.where(rng.random(n) < 0.1, None, rng.choice(["p", "q"], n)).astype(object)
+    df = pd.DataFrame({"a": np.exp(z[:, 0]), "b": 3 * z[:, 1] + 1, "c": c})
+    cop = GaussianCopula().fit(df, categorical=["c"])
+    q = pd.DataFrame({"a": np.full(4000, np.exp(1.0)), "b": np.nan, "c": [None] * 2000 + ["q"] * 2000})
+    out = cop.impute(q, seed=3)
+    zb = (out["b"].to_numpy() - 1) / 3
+    assert zb.mean() == pytest.approx(rho * 1.0, abs=0.04)
+    assert zb.std() == pytest.approx(np.sqrt(1 - rho**2), abs=0.03)
+    assert (out["a"] == q["a"]).all() and (out["c"][2000:] == "q").all()
+    assert set(out["c"][:2000]) == {"p", "q"}  # never the missing category
+    # a row with nothing observed: the marginal
+    empty = cop.impute(pd.DataFrame({"a": [np.nan] * 4000, "b": np.nan, "c": None}), seed=4)
+    assert ks_statistic(df["a"], empty["a"]) < 0.04
+    assert ks_statistic(df["b"], empty["b"]) < 0.04
+    with pytest.raises(ValueError, match="'c'.*'zz'"):
+        cop.impute(pd.DataFrame({"a": [1.0], "b": [np.nan], "c": ["zz"]}))
+    with pytest.raises(ValueError, match="'b'"):
+        cop.impute(pd.DataFrame({"a": [1.0], "c": ["p"]}))
+
+
 def test_report_json_and_pngs(adult, tmp_path):
     tr, te, schema = adult
     tr, te = tr.iloc[:400], te.iloc[:400]

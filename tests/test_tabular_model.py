@@ -650,3 +650,33 @@ def test_calibration_draws_default_to_four_times_the_rows_within_bounds(tmp_path
         assert m.auto_calibration_rows() == rows
     m.save(tmp_path / "m")
     assert TabularDiffusion.load(tmp_path / "m").train_rows == 32_561
+
+
+@pytest.mark.parametrize("denoiser", ["mlp", "transformer"])
+def test_dropout_acts_in_training_only(denoiser):
+    """``dropout`` makes the denoiser's training outputs random; in eval mode (sampling) it is
+    deterministic, and with dropout 0 training and eval agree."""
+    with pytest.raises(ValueError, match=r"dropout=1\.0"):
+        CDTDConfig(dropout=1.0)
+    with pytest.raises(ValueError, match=r"dropout=-0\.1"):
+        TabularDiffusion(dropout=-0.1)
+    torch.manual_seed(0)
+    outs = {}
+    for p in (0.0, 0.3):
+        torch.manual_seed(0)
+        m = CDTD(3, [2, 4], CDTDConfig(denoiser=denoiser, dropout=p, **SMALL_NET))
+        for prm in m.net.parameters():  # the zero-initialised output layers would hide everything
+            if prm.dim() > 1 and float(prm.detach().abs().sum()) == 0:
+                torch.nn.init.normal_(prm, std=0.1)
+        x_num, x_cat = torch.randn(16, 3), torch.randn(16, 2, 4)
+        c = torch.full((16,), 0.3)
+        m.train()
+        a, b = m.net(x_num, x_cat, c), m.net(x_num, x_cat, c)
+        m.eval()
+        e1, e2 = m.net(x_num, x_cat, c), m.net(x_num, x_cat, c)
+        assert torch.equal(e1, e2)
+        outs[p] = (a, b, e1)
+    a, b, e = outs[0.0]
+    assert torch.allclose(a, e) and torch.allclose(b, e)
+    a, b, e = outs[0.3]
+    assert not torch.allclose(a, b) and not torch.allclose(a, e)
