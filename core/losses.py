@@ -63,6 +63,7 @@ __all__ = [
     "get_weighting",
     "loss_weight",
     "TIME_SAMPLERS",
+    "stratified_uniform",
     "uniform_time",
     "lognormal_time",
     "logit_normal_time",
@@ -173,6 +174,22 @@ def _check_batch(batch) -> int:
     return batch
 
 
+def stratified_uniform(n: int, generator: torch.Generator | None = None, device=None,
+                       dtype: torch.dtype = torch.float32) -> Tensor:
+    """``n`` uniforms in [0, 1), the i-th drawn uniformly in ``[i/n, (i+1)/n)`` (``dtype``, shape (n,)).
+
+    Each entry on its own is not U(0, 1) but the batch is: a batch mean of ``f(u)`` keeps the
+    expectation of ``f(U)`` and its variance drops from ``Var f / n`` to at most that (``O(n^-3)`` for
+    smooth ``f``). MDLM samples its training times so; the batch order carries no meaning since the
+    data loader shuffles.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    u = torch.rand(n, generator=generator, dtype=dtype, device=device if generator is None else generator.device)
+    # (n - 1 + u) / n can round up to 1.0 in float32; keep the result in [0, 1) as torch.rand does
+    return ((torch.arange(n, device=u.device, dtype=u.dtype) + u) / n).clamp_(max=1.0 - torch.finfo(u.dtype).eps / 2)
+
+
 def uniform_time(
     path: GaussianPath,
     batch: int,
@@ -193,10 +210,7 @@ def uniform_time(
     if stratified and antithetic:
         raise ValueError("choose stratified or antithetic time sampling, not both")
     if stratified:
-        u = (
-            torch.arange(batch, dtype=torch.float64, device=device)
-            + torch.rand(batch, generator=generator, dtype=torch.float64, device=device)
-        ) / batch
+        u = stratified_uniform(batch, generator, device, torch.float64)
     elif antithetic:
         h = torch.rand((batch + 1) // 2, generator=generator, dtype=torch.float64, device=device)
         u = torch.cat([h, 1.0 - h])[:batch]

@@ -35,6 +35,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ..losses import stratified_uniform
 from .graphs import Absorbing, Graph, _per_token
 from .noise import Noise
 
@@ -52,21 +53,6 @@ __all__ = [
 def _check_eps(sampling_eps: float):
     if isinstance(sampling_eps, bool) or not isinstance(sampling_eps, (int, float)) or not 0.0 <= sampling_eps < 1.0:
         raise ValueError(f"sampling_eps must be a number in [0, 1), got {sampling_eps!r}")
-
-
-def stratified_uniform(n: int, generator: torch.Generator | None = None, device=None) -> Tensor:
-    """``n`` uniforms in [0, 1), the i-th drawn uniformly in ``[i/n, (i+1)/n)`` (float32, shape (n,)).
-
-    Each entry on its own is not U(0, 1) but the batch is: a batch mean of ``f(u)`` keeps the
-    expectation of ``f(U)`` and its variance drops from ``Var f / n`` to at most that (``O(n^-3)`` for
-    smooth ``f``). MDLM samples its training times so; the batch order carries no meaning since the
-    data loader shuffles.
-    """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}")
-    u = torch.rand(n, generator=generator, device=device if generator is None else generator.device)
-    # (n - 1 + u) / n can round up to 1.0 in float32; keep the result in [0, 1) as torch.rand does
-    return ((torch.arange(n, device=u.device, dtype=u.dtype) + u) / n).clamp_(max=1.0 - torch.finfo(u.dtype).eps / 2)
 
 
 def _sample_t(x0: Tensor, sampling_eps: float, generator) -> Tensor:
