@@ -45,6 +45,17 @@ def _nonnegative_int(text: str) -> int:
     return _positive_int(text, least=0)
 
 
+def _probability(text: str) -> float:
+    """A float in [0, 1) (dropout)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    if not 0.0 <= v < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {v}")
+    return v
+
+
 def _output_file(path: str, flag: str) -> str:
     parent = Path(path).resolve().parent
     if not parent.is_dir():
@@ -97,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--batch-size", type=_positive_int, default=1024)
     f.add_argument("--denoiser", default="mlp", choices=["mlp", "transformer"])
     f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--dropout", type=_probability, default=0.0,
+                   help="dropout in the denoiser while training (a regulariser against memorising rows)")
     f.add_argument("--calibration-rows", type=_nonnegative_int, default=None,
                    help="draws per round of the marginal calibration after fitting (default: 4x the rows, 10,000-30,000; 0: none)")
     s = sub.add_parser("sample", help="sample rows from a saved model")
@@ -134,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "fit":
             cats = [c for c in args.categorical.split(",") if c] or None
             m = TabularDiffusion(steps=args.steps, batch_size=args.batch_size, denoiser=args.denoiser, seed=args.seed,
-                                 calibration_rows=args.calibration_rows)
+                                 dropout=args.dropout, calibration_rows=args.calibration_rows)
             m.fit(load_csv(args.csv), categorical=cats)
             m.save(args.model)
             print(f"saved {args.model} ({m.fit_steps} steps, {m.fit_seconds:.0f} s)")

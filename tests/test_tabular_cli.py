@@ -202,6 +202,13 @@ def test_cli_argument_errors_exit_2_naming_them(csv, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         cli(sample[:4] + ["ten", "--out", str(tmp_path / "s.csv")])
     assert e.value.code == 2 and "expected a positive integer, got 'ten'" in capsys.readouterr().err
+    for bad, msg in (("1.5", "must be in [0, 1), got 1.5"), ("lots", "expected a number in [0, 1), got 'lots'")):
+        with pytest.raises(SystemExit) as e:
+            cli(["fit", str(path), "--model", str(tmp_path / "d"), "--dropout", bad])
+        assert e.value.code == 2 and msg in capsys.readouterr().err
+    assert cli(["fit", str(path), "--model", str(tmp_path / "d"), "--steps", "2", "--batch-size", "64",
+                "--calibration-rows", "500", "--dropout", "0.2"]) == 0
+    assert TabularDiffusion.load(tmp_path / "d").model.cfg.dropout == 0.2
 
 
 def test_cli_keeps_the_traceback_of_an_internal_valueerror(csv, tmp_path, monkeypatch):
