@@ -1,5 +1,5 @@
-"""benchmarks.tabular_imputation on a tiny German model: the scoring against hand-made imputations,
-and a full run that writes its JSON."""
+"""benchmarks.tabular_imputation (its scores against hand-made imputations, a full run on a tiny German
+model) and benchmarks.tabular_seeds (per-seed reports and their summary)."""
 
 import json
 
@@ -58,3 +58,30 @@ def test_imputation_benchmark_on_a_tiny_model(tmp_path, capsys):
     assert r["imputers"]["hot_deck"]["tv"] < r["imputers"]["mean_mode"]["tv"]
     with pytest.raises(SystemExit):
         main(["--model", str(tmp_path / "m"), "--data", "german", "--rate", "1.5"])
+
+
+def test_seeds_benchmark_summarises_each_seed(tmp_path, capsys):
+    """benchmarks.tabular_seeds: per-seed figures as the fidelity report computes them, their mean and sd."""
+    from benchmarks.tabular_seeds import main, summarise
+
+    s = summarise([{"a": 1.0, "b": None}, {"a": 3.0, "b": None}])
+    assert s == {"a": {"mean": 2.0, "sd": pytest.approx(np.sqrt(2.0))}}
+    train, _, spec = load_dataset("german")
+    torch.manual_seed(0)
+    m = TabularDiffusion(steps=60, warmup_steps=10, hidden=32, mlp_layers=1, emb_dim=4, batch_size=128,
+                         progress=False, sample_steps=4, calibration_rows=0)
+    m.fit(train, categorical=list(spec.categorical)).save(tmp_path / "run" / "model")
+    assert main(["--data", "german", "--seeds", "2", "--first-seed", "5", "--model", str(tmp_path / "run" / "model"),
+                 "--copula", "--out", str(tmp_path / "r.json")]) == 0
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["seeds"] == [5, 6] and set(r["models"]) == {"run", "gaussian_copula"}
+    rows = r["models"]["run"]["per_seed"]
+    assert len(rows) == 2 and rows[0] != rows[1]  # different samples
+    for row in rows:
+        assert row["mle_gap"] == pytest.approx(r["real_mle"] - row["mle"])
+        assert 0 <= row["dcr_share"] <= 1 and 0.4 <= row["detection_auc"] <= 1
+    summ = r["models"]["run"]["summary"]["ks_mean"]
+    assert summ["mean"] == pytest.approx(np.mean([x["ks_mean"] for x in rows]))
+    assert "train-on-real auc" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["--data", "german", "--model", f"a={tmp_path / 'run' / 'model'}", "--model", f"a={tmp_path / 'run' / 'model'}"])
