@@ -103,7 +103,8 @@ class CDTDConfig:
     calibrate_losses: bool = True
     # Fraction of training rows in which a random subset of features is given clean (sigma = 0) and
     # flagged as known, so that one network also learns p(rest | known) for conditioning and
-    # imputation. 0 disables it; conditioning then falls back to replacement.
+    # imputation. 0 disables it; conditioning then falls back to replacement. 0.5 sharpens conditionals
+    # (Adult: a column fixed by another, imputed right 84% -> 97.5%) at no measured unconditional cost.
     cond_prob: float = 0.25
     # Dequantise tied numerical values (integers, a spike such as Adult's 40 hours or its zero capital
     # gains) while training: each draw of a tied value is spread uniformly over its range of quantile
