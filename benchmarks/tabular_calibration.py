@@ -25,7 +25,6 @@ import time
 import warnings
 
 import numpy as np
-import torch
 
 
 def _means(shapes: dict) -> dict:
@@ -67,20 +66,12 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.seeds < 1 or args.threads < 1:
         p.error(f"--seeds and --threads must be >= 1, got {args.seeds}, {args.threads}")
-    from tabular.api import TabularDiffusion
     from tabular.baseline import GaussianCopula
-    from tabular.data import DATASETS, load_dataset
     from tabular.metrics import column_shapes
 
-    if args.data not in DATASETS:
-        p.error(f"unknown --data {args.data!r}; choose one of {sorted(DATASETS)}")
-    torch.set_num_threads(args.threads)
-    train, test, _ = load_dataset(args.data)
-    m = TabularDiffusion.load(args.model)
-    missing = [c for c in m.schema.names if c not in train.columns]
-    if missing:
-        p.error(f"the model's columns {missing} are not in --data {args.data!r}; name the model's data set")
-    m.fit_config.progress = False
+    from .tabular_common import load_data_and_model
+
+    train, test, _, m = load_data_and_model(p, args.data, args.model, args.threads)
     result = {"model": args.model, "data": args.data, "rows": len(train), "seeds": args.seeds}
     if args.recalibrate or m.calibration is None:
         t0 = time.perf_counter()

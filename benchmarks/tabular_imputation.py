@@ -37,7 +37,6 @@ import warnings
 
 import numpy as np
 import pandas as pd
-import torch
 
 IMPUTERS = ("cdtd", "cdtd_uncalibrated", "gaussian_copula", "hot_deck", "mean_mode")
 
@@ -143,19 +142,11 @@ def main(argv=None) -> int:
         p.error(f"--rows, --draws and --threads must be >= 1, got {args.rows}, {args.draws}, {args.threads}")
     if not 0.0 < args.rate < 1.0:
         p.error(f"--rate must be in (0, 1), got {args.rate}")
-    from tabular.api import TabularDiffusion
     from tabular.baseline import GaussianCopula
-    from tabular.data import DATASETS, load_dataset
 
-    if args.data not in DATASETS:
-        p.error(f"unknown --data {args.data!r}; choose one of {sorted(DATASETS)}")
-    torch.set_num_threads(args.threads)
-    train, test, _ = load_dataset(args.data)
-    m = TabularDiffusion.load(args.model)
-    absent = [c for c in m.schema.names if c not in train.columns]
-    if absent:
-        p.error(f"the model's columns {absent} are not in --data {args.data!r}; name the model's data set")
-    m.fit_config.progress = False
+    from .tabular_common import load_data_and_model
+
+    train, test, _, m = load_data_and_model(p, args.data, args.model, args.threads)
     names = m.schema.names
     ok = seen_rows(test[names], m.schema)
     truth = test[names][ok].reset_index(drop=True)

@@ -21,7 +21,6 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import torch
 
 METRICS = ("ks_mean", "tv_mean", "ks_mean_holdout", "tv_mean_holdout", "corr_diff", "detection_auc", "mle_gap",
            "dcr_share")
@@ -60,15 +59,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.seeds < 1 or args.threads < 1:
         p.error(f"--seeds and --threads must be >= 1, got {args.seeds}, {args.threads}")
-    from tabular.api import TabularDiffusion
     from tabular.baseline import GaussianCopula
-    from tabular.data import DATASETS, load_dataset
     from tabular.metrics import evaluate, ml_efficiency
 
-    if args.data not in DATASETS:
-        p.error(f"unknown --data {args.data!r}; choose one of {sorted(DATASETS)}")
-    torch.set_num_threads(args.threads)
-    train, test, spec = load_dataset(args.data)
+    from .tabular_common import load_data_and_model
+
     models = {}
     for item in args.model:
         name, sep, path = item.partition("=")
@@ -77,12 +72,7 @@ def main(argv=None) -> int:
             name = Path(item).parent.name if Path(item).name == "model" and Path(item).parent.name else Path(item).name
         if name in models:
             p.error(f"--model {item!r}: the name {name!r} is given twice; name them NAME=DIR")
-        m = TabularDiffusion.load(path)
-        absent = [c for c in m.schema.names if c not in train.columns]
-        if absent:
-            p.error(f"--model {item!r}: columns {absent} are not in --data {args.data!r}")
-        m.fit_config.progress = False
-        models[name] = m
+        train, test, spec, models[name] = load_data_and_model(p, args.data, path, args.threads, f"--model {item!r}: ")
     schema = next(iter(models.values())).schema
     key = "auc" if spec.task == "classification" else "r2"
     real = ml_efficiency(train, test, schema, spec.target, spec.task, seed=0)[key]
