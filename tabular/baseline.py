@@ -93,7 +93,10 @@ class GaussianCopula:
         for i, name in enumerate(self.columns):
             m, s = self.marginals[name], df[name]
             if m[0] == "num":
-                x = pd.to_numeric(s, errors="raise").to_numpy(np.float64)
+                try:
+                    x = pd.to_numeric(s, errors="raise").to_numpy(np.float64)
+                except (ValueError, TypeError) as e:
+                    raise ValueError(f"column {name!r}: {e}") from None
                 o = ~np.isnan(x)
                 sx = m[1]
                 # mid-rank of each value among the training values, as fit scored them
@@ -112,6 +115,8 @@ class GaussianCopula:
     def impute(self, df: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
         """Fill every missing cell of ``df`` with a draw from the copula given the row's observed cells;
         observed cells are returned unchanged."""
+        if not isinstance(df, pd.DataFrame):
+            raise TypeError(f"expected a pandas DataFrame, got {type(df).__name__}")
         missing_cols = [c for c in self.columns if c not in df.columns]
         if missing_cols:
             raise ValueError(f"column {missing_cols[0]!r} of the fitted copula is missing from the DataFrame")

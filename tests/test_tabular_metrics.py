@@ -128,6 +128,10 @@ def test_copula_imputes_from_the_gaussian_conditional():
         cop.impute(pd.DataFrame({"a": [1.0], "b": [np.nan], "c": ["zz"]}))
     with pytest.raises(ValueError, match="'b'"):
         cop.impute(pd.DataFrame({"a": [1.0], "c": ["p"]}))
+    with pytest.raises(ValueError, match="column 'a'.*lots"):
+        cop.impute(pd.DataFrame({"a": ["lots"], "b": [np.nan], "c": ["p"]}))
+    with pytest.raises(TypeError, match="DataFrame.*list"):
+        cop.impute([[1.0, np.nan, "p"]])
 
 
 def test_report_json_and_pngs(adult, tmp_path):
