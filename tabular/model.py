@@ -103,9 +103,10 @@ class CDTDConfig:
     calibrate_losses: bool = True
     # Fraction of training rows in which a random subset of features is given clean (sigma = 0) and
     # flagged as known, so that one network also learns p(rest | known) for conditioning and
-    # imputation. 0 disables it; conditioning then falls back to replacement. 0.5 sharpens conditionals
-    # (Adult: a column fixed by another, imputed right 84% -> 97.5%) at no measured unconditional cost.
-    cond_prob: float = 0.25
+    # imputation. 0 disables it; conditioning then falls back to replacement. 0.5 (default; 0.25 before)
+    # sharpens conditionals (Adult: a column fixed by another, imputed right 84% -> 97.5%) at no
+    # measured unconditional cost over four sampling seeds on Adult, German credit and diamonds.
+    cond_prob: float = 0.5
     # Dequantise tied numerical values (integers, a spike such as Adult's 40 hours or its zero capital
     # gains) while training: each draw of a tied value is spread uniformly over its range of quantile
     # levels, afresh every batch, so the model sees a continuous density whose inverse transform gives
