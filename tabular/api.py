@@ -49,7 +49,7 @@ class FitConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 200
-    ema_decay: float = 0.999
+    ema_decay: float = 0.999  # 0: no EMA, sample with the last weights
     grad_clip: float = 10.0
     seed: int = 0
     time_limit_s: float | None = None  # stop early after this wall time (the LR schedule still spans ``steps``)
@@ -179,7 +179,8 @@ class TabularDiffusion:
             return max(0.0, (fc.steps - step) / max(1, fc.steps - fc.warmup_steps))
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
-        ema = EMA(model, [fc.ema_decay], warmup=True)  # early averages not dominated by the init
+        # early averages not dominated by the init; ema_decay 0: no averaging, the last weights are kept
+        ema = EMA(model, [fc.ema_decay], warmup=True) if fc.ema_decay > 0 else None
         dgen = torch.Generator(device=dev).manual_seed(fc.seed + 1) if dev.type != "cpu" else gen
         perm, pos = torch.randperm(n, generator=gen), 0
         start, cpu0 = time.perf_counter(), time.process_time()
@@ -205,7 +206,8 @@ class TabularDiffusion:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), fc.grad_clip)
             opt.step()
             sched.step()
-            ema.update(model)
+            if ema is not None:
+                ema.update(model)
             running = stats["loss"] if running is None else 0.98 * running + 0.02 * stats["loss"]
             self.history.append({"step": step, **stats})
             if step % 50 == 0:
@@ -217,7 +219,8 @@ class TabularDiffusion:
         self.fit_seconds = time.perf_counter() - start
         self.fit_cpu_seconds = time.process_time() - cpu0  # CPU time of this process: less inflated by a shared box
         self.fit_steps = len(self.history)
-        model.load_state_dict(ema.averaged(), strict=False)  # sample with (and save) the EMA weights
+        if ema is not None:
+            model.load_state_dict(ema.averaged(), strict=False)  # sample with (and save) the EMA weights
         model.eval()
 
     # -- sampling ----------------------------------------------------------------------------------

@@ -161,7 +161,7 @@ class GaussianCopula:
                 v = np.asarray(cats, dtype=object)[idx]
             if out[name].dtype != object and v.dtype == object:
                 out[name] = out[name].astype(object)
-            out.loc[out.index[fill], name] = v
+            out.iloc[np.flatnonzero(fill), out.columns.get_loc(name)] = v  # by position: labels may repeat
         for col in self.schema.columns:
             if col.kind == "constant" and col.name in out.columns:
                 out[col.name] = out[col.name].where(out[col.name].notna(), col.value)

@@ -97,6 +97,16 @@ def _parse_conditions(items: list[str]) -> dict:
     return out
 
 
+def _synthetic_item(item: str, k: int) -> tuple[str, str]:
+    """``--synthetic NAME=path.csv`` or ``path.csv`` as (name, path). An existing file is a path even
+    when it holds '=' (hydra run folders such as ``runs/lr=0.001/synth.csv``); otherwise the name is
+    what comes before the first '=', so a path with '=' can still be given a name."""
+    if Path(item).is_file() or "=" not in item:
+        return f"synthetic_{k}", item
+    name, _, path = item.partition("=")
+    return name or f"synthetic_{k}", path
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tabular.cli", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -128,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     i.add_argument("--seed", type=int, default=0)
     r = sub.add_parser("report", help="fidelity report of a synthetic CSV")
     r.add_argument("--real", required=True, help="the training CSV the generator saw")
-    r.add_argument("--synthetic", required=True, action="append", help="NAME=path.csv or path.csv, repeatable")
+    r.add_argument("--synthetic", required=True, action="append", help="NAME=path.csv or path.csv (a path that exists is taken whole, even with '=' in it), repeatable")
     r.add_argument("--holdout", required=True, help="real rows the generator did not see")
     r.add_argument("--target")
     r.add_argument("--task", choices=["classification", "regression"])
@@ -187,8 +197,7 @@ def main(argv: list[str] | None = None) -> int:
                       "synthetic_check": {}}
             synth = {}
             for k, item in enumerate(args.synthetic):
-                name, _, path = item.rpartition("=")
-                name = name or f"synthetic_{k}"
+                name, path = _synthetic_item(item, k)
                 synth[name] = load_csv(path)
                 checks["synthetic_check"][name] = check_holdout(schema, synth[name], where=f"synthetic {path!r}")
             if args.baseline:

@@ -31,7 +31,7 @@ from sklearn.metrics import f1_score, r2_score, roc_auc_score
 from sklearn.model_selection import StratifiedKFold
 from sklearn.neighbors import NearestNeighbors
 
-from .schema import Schema
+from .schema import Schema, category_strings
 
 LOWER_IS_BETTER = ("ks_mean", "tv_mean", "ks_mean_holdout", "tv_mean_holdout", "shape_error", "corr_diff",
                    "detection_auc", "mle_gap")
@@ -49,9 +49,15 @@ def ks_statistic(a, b) -> float:
     return float(ks_2samp(a, b).statistic)
 
 
+def _strings(x) -> pd.Series:
+    """Categories spelt as the schema spells them (:func:`tabular.schema.category_strings`): a column
+    that is float because it holds NaN and its int twin in another table give '1' alike, not '1.0'
+    and '1'; missing is a category of its own."""
+    return category_strings(pd.Series(x))
+
+
 def _freq(x) -> pd.Series:
-    s = pd.Series(x).astype(object)
-    return s.where(s.notna(), "<NaN>").map(str).value_counts(normalize=True)
+    return _strings(x).value_counts(normalize=True)
 
 
 def total_variation(a, b) -> float:
@@ -65,8 +71,7 @@ def total_variation(a, b) -> float:
 
 
 def _codes(x) -> np.ndarray:
-    s = pd.Series(x).astype(object)
-    return pd.factorize(s.where(s.notna(), "<NaN>").map(str))[0]
+    return pd.factorize(_strings(x))[0]
 
 
 def cramers_v(x, y) -> float:
@@ -139,7 +144,7 @@ def _design(frames: list[pd.DataFrame], schema: Schema, drop: tuple[str, ...] = 
                 o.append(pd.to_numeric(f[c.name], errors="coerce").to_numpy(np.float64))
             is_cat.append(False)
         else:
-            strings = [f[c.name].astype(object).where(f[c.name].notna(), "<NaN>").map(str) for f in frames]
+            strings = [_strings(f[c.name]) for f in frames]
             cats = sorted(set().union(*[set(s.unique()) for s in strings]))
             lookup = {v: i for i, v in enumerate(cats)}
             for o, s in zip(outs, strings, strict=True):
@@ -185,7 +190,7 @@ def ml_efficiency(train: pd.DataFrame, test: pd.DataFrame, schema: Schema, targe
         reg.fit(xtr[keep], ytr[keep])
         ok = ~np.isnan(yte)
         return {"r2": float(r2_score(yte[ok], reg.predict(xte[ok])))}
-    ytr, yte = train[target].astype(str).to_numpy(), test[target].astype(str).to_numpy()
+    ytr, yte = _strings(train[target]).to_numpy(), _strings(test[target]).to_numpy()
     classes = sorted(set(yte))
     if len(set(ytr)) < 2:
         return {"auc": 0.5, "f1": 0.0}
@@ -219,9 +224,9 @@ def _dcr_space(frames: list[pd.DataFrame], ref: pd.DataFrame, schema: Schema) ->
             for o, f in zip(outs, frames, strict=True):
                 o.append(((pd.to_numeric(f[c.name], errors="coerce") - lo) / span).fillna(-1.0).to_numpy()[:, None])
         elif c.kind == "categorical":
-            cats = sorted(ref[c.name].astype(object).where(ref[c.name].notna(), "<NaN>").map(str).unique())
+            cats = sorted(_strings(ref[c.name]).unique())
             for o, f in zip(outs, frames, strict=True):
-                s = f[c.name].astype(object).where(f[c.name].notna(), "<NaN>").map(str)
+                s = _strings(f[c.name])
                 o.append((s.to_numpy()[:, None] == np.asarray(cats)[None, :]).astype(np.float64))
     return [np.concatenate(o, 1) for o in outs]
 
@@ -230,21 +235,26 @@ def dcr(train: pd.DataFrame, holdout: pd.DataFrame, synth: pd.DataFrame, schema:
         max_rows: int = 5000) -> dict:
     """Distance to closest record (L2 in min-max / one-hot space) of synthetic rows in equal-size
     train and holdout sets: ``share_closer_to_train`` (0.5 ideal) with its standard error
-    ``share_se`` (about 0.007 for 5,000 rows), median DCR to each, and the share of exact copies of
-    training rows."""
+    ``share_se`` (about 0.007 for 5,000 rows), median DCR to each, and the share of synthetic rows
+    that are exact copies of a training row (looked for in the whole training table, not in the
+    equal-size subsample the share uses)."""
     rng = np.random.default_rng(seed)
     m = min(len(train), len(holdout))
     tr = train.iloc[rng.choice(len(train), m, replace=False)]
     ho = holdout.iloc[rng.choice(len(holdout), m, replace=False)]
     sy = synth.iloc[rng.choice(len(synth), min(len(synth), max_rows), replace=False)]
-    xtr, xho, xsy = _dcr_space([tr, ho, sy], train, schema)
+    xall, xtr, xho, xsy = _dcr_space([train, tr, ho, sy], train, schema)
     d_tr = NearestNeighbors(n_neighbors=1).fit(xtr).kneighbors(xsy)[0][:, 0]
     d_ho = NearestNeighbors(n_neighbors=1).fit(xho).kneighbors(xsy)[0][:, 0]
+    # exact copies by bytes: a nearest-neighbour distance of a copy comes out near 0, not always 0,
+    # and a distinct row can lie closer than any tolerance (one unit of a wide numerical column)
+    seen = {row.tobytes() for row in np.ascontiguousarray(xall)}
+    copies = np.array([row.tobytes() in seen for row in np.ascontiguousarray(xsy)], dtype=np.float64)
     closer = np.where(d_tr == d_ho, 0.5, (d_tr < d_ho).astype(np.float64))
     return {"share_closer_to_train": float(closer.mean()),
             "share_se": float(closer.std(ddof=1) / np.sqrt(len(closer))) if len(closer) > 1 else float("nan"),
             "median_dcr_train": float(np.median(d_tr)),
-            "median_dcr_holdout": float(np.median(d_ho)), "exact_copy_rate": float((d_tr < 1e-9).mean())}
+            "median_dcr_holdout": float(np.median(d_ho)), "exact_copy_rate": float(copies.mean()) if len(copies) else 0.0}
 
 
 # -- the report ------------------------------------------------------------------------------------

@@ -122,6 +122,9 @@ def _parse_numeric(name: str, s: pd.Series) -> pd.Series:
 
 
 def _category_dtype(s: pd.Series) -> str:
+    """The type a categorical column's values are given back in. An object column is typed by its
+    values: ``read_csv`` of a True/False or integer column with blanks gives object dtype, and its
+    samples should still be bools or ints, as the observed cells ``impute`` keeps are."""
     v = s.dropna()
     if pd.api.types.is_bool_dtype(v):
         return "bool"
@@ -129,7 +132,23 @@ def _category_dtype(s: pd.Series) -> str:
         return "int"
     if pd.api.types.is_float_dtype(v):
         return "float"
+    kind = pd.api.types.infer_dtype(v, skipna=True)
+    if kind == "boolean":
+        return "bool"
+    if kind == "integer":
+        return "int"
+    if kind in ("floating", "mixed-integer-float"):
+        return "float"
     return "str"
+
+
+def _int_category(v: str) -> int:
+    """An int category's string back to the int, exactly (``int(float(v))`` rounds above 2**53);
+    '3.0' (an older spelling) still reads as 3."""
+    try:
+        return int(v)
+    except ValueError:
+        return int(float(v))
 
 
 def _category_string(v) -> str:
@@ -265,7 +284,7 @@ def restore_categories(col: Column, values: np.ndarray) -> pd.Series:
     s = pd.Series(values, dtype=object)
     miss = s == MISSING
     if col.dtype == "int":
-        out = s.where(~miss, None).map(lambda v: None if v is None else int(float(v)))
+        out = s.where(~miss, None).map(lambda v: None if v is None else _int_category(v))
         return out.astype("Int64") if miss.any() else out.astype("int64")
     if col.dtype == "float":
         return s.where(~miss, "nan").astype("float64")

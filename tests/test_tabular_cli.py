@@ -239,3 +239,17 @@ def test_cli_keeps_the_traceback_of_an_internal_valueerror(csv, tmp_path, monkey
             f"{str(path)!r}, '--out', {str(tmp_path / 'rep')!r}]))\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "Traceback" in r.stderr and "internal bug" in r.stderr
+
+
+def test_cli_report_takes_a_synthetic_path_with_an_equals_sign(csv, tmp_path):
+    path, df = csv
+    run = tmp_path / "runs" / "lr=0.001"  # a hydra-style run folder
+    run.mkdir(parents=True)
+    df.iloc[:200].to_csv(tmp_path / "real.csv", index=False)
+    df.iloc[200:].to_csv(tmp_path / "hold.csv", index=False)
+    df.iloc[:150].to_csv(run / "synth.csv", index=False)
+    base = ["report", "--real", str(tmp_path / "real.csv"), "--holdout", str(tmp_path / "hold.csv")]
+    for item, name in [(str(run / "synth.csv"), "synthetic_0"), (f"cdtd={run / 'synth.csv'}", "cdtd")]:
+        out = tmp_path / f"rep_{name}"
+        assert cli(base + ["--synthetic", item, "--out", str(out)]) == 0, item
+        assert list(json.loads((out / "report.json").read_text())["models"]) == [name]

@@ -164,3 +164,49 @@ def test_report_json_and_pngs(adult, tmp_path):
     assert held["models"]["holdout"]["ks_mean_holdout"] == 0 and held["models"]["holdout"]["tv_mean_holdout"] == 0
     paths = plot_report(tr, synth, schema, rep, tmp_path)
     assert all(p.stat().st_size > 10_000 for p in paths)
+
+
+def _graded(n, rng, float_with_nan):
+    """An integer-coded category that is float in one table (it holds NaN) and int in the other, as
+    two CSVs read separately give it; the label is an int, float with NaN in the first table too."""
+    x = rng.normal(size=n)
+    grade = np.where(x > 0, 1, 2).astype(float if float_with_nan else int)
+    label = (x + rng.normal(scale=0.5, size=n) > 0).astype(float if float_with_nan else int)
+    if float_with_nan:
+        grade[:10] = np.nan
+        label[10:15] = np.nan
+    return pd.DataFrame({"x": x, "grade": grade, "label": label})
+
+
+def test_metrics_spell_categories_as_the_schema_does():
+    rng = np.random.default_rng(0)
+    train, holdout = _graded(2000, rng, True), _graded(500, rng, False)
+    schema = infer_schema(train, ["grade", "label"])
+    # 1.0 in one table and 1 in the other are one category: TV is the frequency difference only
+    p = [(train["grade"] == v).mean() for v in (1, 2)] + [train["grade"].isna().mean()]
+    q = [(holdout["grade"] == v).mean() for v in (1, 2)] + [0.0]
+    assert total_variation(train["grade"], holdout["grade"]) == pytest.approx(
+        0.5 * sum(abs(a - b) for a, b in zip(p, q, strict=True)), abs=1e-12)
+    rep = fidelity_report(train, holdout, {"copy": train.copy()}, schema, "label", "classification")
+    assert rep["models"]["copy"]["columns"]["grade"]["tv_holdout"] < 0.05
+    assert rep["holdout_floor"]["tv_mean"] < 0.05
+    # train-on-real scores the float labels against the int ones (was AUC 0.5, F1 0 when '1.0' != '1')
+    assert rep["real"]["mle"]["auc"] > 0.85 and rep["real"]["mle"]["f1"] > 0.7
+
+
+def test_exact_copy_rate_looks_in_the_whole_training_table(adult):
+    tr, te, schema = adult  # 2,000 training rows, 1,000 holdout rows: the share uses 1,000 of each
+    out = dcr(tr, te, tr.iloc[1000:1500], schema)
+    assert out["exact_copy_rate"] == 1.0  # every synthetic row is a training row, sampled or not
+    assert dcr(tr, te, te.iloc[:300], schema)["exact_copy_rate"] == pytest.approx(
+        float(te.iloc[:300].merge(tr.drop_duplicates(), how="left", indicator=True)["_merge"].eq("both").mean()))
+
+
+def test_copula_imputes_with_repeated_index_labels():
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame({"a": rng.normal(size=300), "c": rng.choice(["x", "y"], 300)})
+    cop = GaussianCopula().fit(df)
+    holes = pd.DataFrame({"a": [0.1, np.nan, 0.3], "c": ["x", "x", None]}, index=[7, 7, 8])
+    out = cop.impute(holes, seed=0)
+    assert out.index.tolist() == [7, 7, 8] and out.notna().all().all()
+    assert out["a"].iloc[0] == 0.1 and out["a"].iloc[2] == 0.3 and out["c"].iloc[:2].tolist() == ["x", "x"]

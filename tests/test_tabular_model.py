@@ -682,3 +682,16 @@ def test_dropout_acts_in_training_only(denoiser):
     assert torch.allclose(a, e) and torch.allclose(b, e)
     a, b, e = outs[0.3]
     assert not torch.allclose(a, b) and not torch.allclose(a, e)
+
+
+def test_ema_decay_0_keeps_the_last_weights():
+    """ema_decay=0 passes FitConfig's check, so it must train: no averaging, the last weights kept
+    (the same run with an EMA ends on other weights)."""
+    df = _three_groups(300)
+    fits = {}
+    for decay in (0.0, 0.9):
+        torch.manual_seed(0)
+        fits[decay] = TabularDiffusion(steps=20, warmup_steps=2, ema_decay=decay, **{**TINY, "calibration_rows": 0}).fit(df)
+    a, b = (dict(fits[d].model.state_dict()) for d in (0.0, 0.9))
+    assert any(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())
+    assert fits[0.0].sample(50, seed=0).notna().all().all()

@@ -189,3 +189,23 @@ def test_category_strings_spell_a_value_the_same_whatever_the_dtype():
     assert as_float.tolist() == ["1", "2", MISSING]
     assert category_strings(pd.Series(np.array([1.5, 2.0], dtype=np.float32))).tolist() == ["1.5", "2"]
     assert category_strings(pd.Series(["a", None, "1.0"])).tolist() == ["a", MISSING, "1.0"]  # strings as given
+
+
+def test_object_columns_of_bools_and_ints_keep_their_type():
+    import io
+
+    from tabular.schema import restore_categories
+
+    # read_csv of a True/False column with blanks gives object dtype holding bools (and NaN)
+    df = pd.read_csv(io.StringIO("flag,big\nTrue,1234567890123456789\n,5\nFalse,1234567890123456789\nTrue,7\n"))
+    assert df["flag"].dtype == object
+    df["code"] = pd.Series([3, 5, 3, 7], dtype=object)  # ints in an object column
+    schema = infer_schema(df, categorical=["flag", "code", "big"])
+    assert (schema["flag"].dtype, schema["code"].dtype, schema["big"].dtype) == ("bool", "int", "int")
+    flag = restore_categories(schema["flag"], category_strings(df["flag"]).to_numpy())
+    assert flag.iloc[0] is np.True_ or flag.iloc[0] is True
+    assert flag.iloc[2] == False and pd.isna(flag.iloc[1])  # noqa: E712
+    big = restore_categories(schema["big"], category_strings(df["big"]).to_numpy())
+    assert big.tolist() == [1234567890123456789, 5, 1234567890123456789, 7]  # exact above 2**53
+    code = restore_categories(schema["code"], np.array(["3", "7", "3.0"], dtype=object))  # '3.0': older spelling
+    assert code.tolist() == [3, 7, 3]
