@@ -292,6 +292,8 @@ class CosinePath(GaussianPath):
     name = "cosine"
 
     def __init__(self, s: float = 0.008, t_min: float = 1e-3, t_max: float = 1.0):
+        if not (math.isfinite(s) and s >= 0):  # as core.ddpm.cosine_betas: s < 0 collapses alpha to 0
+            raise ValueError(f"CosinePath offset s must be finite and >= 0, got {s!r}")
         super().__init__(t_min, t_max)
         self.s = float(s)
         self._c0 = math.cos(self.s / (1 + self.s) * math.pi / 2)

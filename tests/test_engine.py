@@ -271,6 +271,36 @@ def test_resume_is_bit_identical(tmp_path, as_dataset):
     assert [json.loads(ln)["step"] for ln in lines] == [2, 4, 6, 7, 8, 10, 12, 14]
 
 
+def test_resume_past_a_corrupt_or_abandoned_checkpoint_keeps_its_own(tmp_path):
+    """Resuming from an older checkpoint than the newest (the newest is torn, or ``resume`` names an
+    older one) sets the later ones aside, renamed, so pruning (newest steps kept) does not delete the
+    run's own new checkpoints and a later resume=auto continues this run, not the abandoned one."""
+    data = tiny_data(50)
+    ck = tmp_path / "a" / "checkpoints"
+    Trainer(tiny_model(), denoise_loss, data, make_cfg(tmp_path / "a", ckpt_every=1, keep_last=1)).fit(stop_at=5)
+    good = checkpoint_path(ck, 5).read_bytes()
+    checkpoint_path(ck, 9).write_bytes(good[: len(good) // 2])  # a torn file of a later step
+    with pytest.warns(UserWarning, match=r"steps after 5 .*ckpt_00000009\.pt\.set-aside"):
+        result = Trainer(tiny_model(), denoise_loss, data,
+                         make_cfg(tmp_path / "a", ckpt_every=1, keep_last=1)).fit(stop_at=7)
+    assert result["checkpoint"].exists() and [s for s, _ in list_checkpoints(ck)] == [7]
+    assert (ck / "ckpt_00000009.pt.set-aside").read_bytes() == good[: len(good) // 2]  # kept, not deleted
+    again = Trainer(tiny_model(), denoise_loss, data, make_cfg(tmp_path / "a", ckpt_every=1, keep_last=1))
+    assert again.resume() == 7
+    # roll back: resume explicitly from step 4's checkpoint (copied away) under another lr
+    ck_b = tmp_path / "b" / "checkpoints"
+    Trainer(tiny_model(), denoise_loss, data, make_cfg(tmp_path / "b", ckpt_every=2, keep_last=3)).fit(stop_at=8)
+    old = tmp_path / "step4.pt"
+    old.write_bytes(checkpoint_path(ck_b, 4).read_bytes())
+    with pytest.warns(UserWarning):
+        Trainer(tiny_model(), denoise_loss, data, make_cfg(tmp_path / "b", ckpt_every=2, keep_last=3, lr=1e-3,
+                                                           resume=str(old))).fit(stop_at=6)
+    assert [s for s, _ in list_checkpoints(ck_b)] == [4, 6]  # step 8 of the abandoned run set aside
+    assert (ck_b / "ckpt_00000008.pt.set-aside").exists()
+    resumed = Trainer(tiny_model(), denoise_loss, data, make_cfg(tmp_path / "b", ckpt_every=2, keep_last=3, lr=1e-3))
+    assert resumed.resume() == 6
+
+
 def test_resume_under_other_settings_is_reported(tmp_path, recwarn):
     """A resume whose optimisation settings differ from the checkpoint's goes on (a longer schedule is
     legitimate) but names every change; bookkeeping (stop_at, cadence, out_dir) changes silently."""
@@ -364,7 +394,7 @@ def test_bf16_autocast_runs_on_cpu_and_fp16_is_refused(tmp_path):
         dtypes.append(y.dtype)
         return (y.float() - x).pow(2).mean()
 
-    out = Trainer(tiny_model(), loss, tiny_data(), make_cfg(tmp_path, precision="bf16", steps=3)).fit()
+    out = Trainer(tiny_model(), loss, tiny_data(), make_cfg(tmp_path, precision="bf16", steps=3, warmup_steps=0)).fit()
     assert math.isfinite(out["loss"]) and set(dtypes) == {torch.bfloat16}
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="trainer.precision.*fp16.*CUDA"):
@@ -412,7 +442,7 @@ def test_export_holds_only_the_state_dict(tmp_path):
         m.register_buffer("count", torch.zeros(()))
         return m
 
-    tr = Trainer(model(), denoise_loss, tiny_data(), make_cfg(tmp_path, steps=2, ckpt_every=2))
+    tr = Trainer(model(), denoise_loss, tiny_data(), make_cfg(tmp_path, steps=2, ckpt_every=2, warmup_steps=0))
     tr.fit()
     assert "freqs" in tr.ema.averaged(0.9)
     exported = load_file(str(tmp_path / "ema_0.9.safetensors"))
@@ -532,6 +562,15 @@ def test_grad_clip_groups_clip_each_group_to_the_threshold(tmp_path, groups):
     assert norm("c") < 1.0 < norm("a") < norm("b")  # the remainder group c is below the threshold
     logged = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["grad_norm"]
     assert logged == pytest.approx(float(total), rel=1e-5)  # the logged norm is global either way
+
+
+def test_a_warm_up_longer_than_the_run_is_reported(tmp_path, recwarn):
+    with pytest.warns(UserWarning, match=r"trainer.warmup_steps=1000 >= trainer.steps=100: the learning rate ends "
+                                         r"at 0.1 x lr and the 'cosine' decay never starts"):
+        validate_trainer(make_cfg(tmp_path, steps=100, warmup_steps=1000), world_size=1)
+    validate_trainer(make_cfg(tmp_path, steps=100, warmup_steps=100, schedule="constant"), world_size=1)
+    validate_trainer(make_cfg(tmp_path, steps=100, warmup_steps=99), world_size=1)
+    assert not [w for w in recwarn if "warmup_steps" in str(w.message)]
 
 
 def test_grad_clip_groups_are_checked(tmp_path):

@@ -203,3 +203,6 @@ def test_bad_input_names_the_value():
         convert(torch.zeros(1, 1), "noise", "x0", torch.zeros(1, 1), 0.5, get_path("vp"))
     with pytest.raises(ValueError, match="t_min"):
         get_path("linear", t_min=0.5, t_max=0.2)
+    for s in (-0.9, -1.0, float("nan")):  # s < 0 collapsed alpha to 0 at every t > 0; -1 divided by zero
+        with pytest.raises(ValueError, match=f"offset s must be finite and >= 0, got {s}"):
+            get_path("cosine", s=s)

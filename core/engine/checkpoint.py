@@ -138,6 +138,26 @@ def prune_checkpoints(directory: str | os.PathLike, keep_last: int) -> list[Path
     return removed
 
 
+def set_aside_checkpoints_after(directory: str | os.PathLike, step: int | None) -> list[Path]:
+    """Rename the checkpoints of a step after ``step`` (all of them for None) to ``<name>.set-aside``
+    and return the new paths. A run that resumes from an older checkpoint than the newest (the newer
+    ones did not load, or ``resume`` named an older one) would otherwise have pruning, which keeps the
+    highest steps, delete its own new checkpoints and keep the abandoned ones, and a later
+    ``resume=auto`` would continue the abandoned run. Renamed, not deleted: nothing is lost."""
+    moved = []
+    for s, p in list_checkpoints(directory):
+        if step is None or s > step:
+            target = p.with_name(p.name + ".set-aside")
+            k = 1
+            while target.exists():
+                target, k = p.with_name(f"{p.name}.set-aside.{k}"), k + 1
+            p.rename(target)
+            moved.append(target)
+    if moved:
+        fsync_dir(directory)
+    return moved
+
+
 def remove_stale_temp_files(directory: str | os.PathLike) -> list[Path]:
     """Delete temporary files left by a writer that died before its rename."""
     d = Path(directory)

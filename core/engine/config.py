@@ -22,6 +22,7 @@ import dataclasses
 import math
 import os
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -152,6 +153,12 @@ def validate_trainer(cfg: TrainerConfig, world_size: int | None = None, prefix: 
     positive_int("keep_last")
     for name in ("warmup_steps", "ckpt_every", "sample_every", "log_every", "num_workers", "seed"):
         non_negative_int(name)
+    if cfg.warmup_steps > cfg.steps or (cfg.warmup_steps == cfg.steps and cfg.schedule != "constant"):
+        # legal (a short smoke run under a long run's warm-up), but the learning rate ends below
+        # trainer.lr or the decay never starts: say so at start rather than let the run look fine
+        decay = "" if cfg.schedule == "constant" else f" and the {cfg.schedule!r} decay never starts"
+        warnings.warn(f"{p}warmup_steps={cfg.warmup_steps} >= {p}steps={cfg.steps}: the learning rate ends at "
+                      f"{cfg.steps / cfg.warmup_steps:.3g} x lr{decay}", UserWarning, stacklevel=3)
     if cfg.stop_at is not None and not (0 < cfg.stop_at <= cfg.steps):
         _fail(p + "stop_at", f"must be None or in (0, steps={cfg.steps}]", cfg.stop_at)
     if not (math.isfinite(cfg.lr) and cfg.lr > 0):

@@ -63,6 +63,7 @@ from .checkpoint import (
     remove_stale_temp_files,
     rng_state,
     save_checkpoint,
+    set_aside_checkpoints_after,
     set_rng_state,
 )
 from .config import ConfigError, TrainerConfig, resolve_device, to_schema, validate_trainer
@@ -525,6 +526,18 @@ class Trainer:
             self._resumed, self._resume_done = self._resume(), True
         return self._resumed
 
+    def _set_aside_after(self, step: int | None) -> None:
+        """Checkpoints of later steps than the one this run continues from belong to an abandoned (or
+        unloadable) run: renamed aside, so that pruning and a later resume see this run's own."""
+        if self.is_main:
+            moved = set_aside_checkpoints_after(self.ckpt_dir, step)
+            if moved:
+                msg = (f"{len(moved)} checkpoint(s) of steps after {step or 0} in {self.ckpt_dir}, which this run "
+                       f"does not continue, renamed to *.set-aside: {', '.join(p.name for p in moved)}")
+                log.warning(msg)
+                warnings.warn(msg, stacklevel=3)
+        D.barrier()
+
     def _resume(self) -> int | None:
         cfg = self.cfg
         if self.is_main:
@@ -543,12 +556,14 @@ class Trainer:
             if found is None:
                 if cfg.resume is True:
                     raise ConfigError(f"trainer.resume=true but {self.ckpt_dir} holds no loadable checkpoint")
+                self._set_aside_after(None)  # only unloadable files: this run starts at step 0
                 return None
             path, state = found
         else:
             path, state = Path(cfg.resume), load_checkpoint(cfg.resume)
         self._check_run_config(path, state)
         self.load_state_dict(state)
+        self._set_aside_after(self.step)
         self.last_checkpoint = path
         log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, self.epoch, self.index)
         changed = changed_settings(state.get("config") or {}, dataclasses.asdict(cfg))
