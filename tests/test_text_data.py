@@ -125,3 +125,49 @@ def test_bible_corpus():
     assert len(docs) == 66
     assert docs["Genesis"].startswith("In the beginning God created the heaven and the earth.\n")
     assert docs["John"].count("\n") > 800  # one verse per line (879 verses) plus chapter breaks
+
+
+def test_char_tokenizer_of_a_corpus_always_holds_the_newline(tmp_path):
+    """Documents are joined with "\\n\\n": a corpus without a newline used to fail in prepare_data."""
+    from text.tokenizers import build_tokenizer
+    from text.train import TextDataConfig, prepare_data
+
+    tok = build_tokenizer("char", ["the quick brown fox"], all_texts=["lazy dog"])
+    assert "\n" in tok.alphabet and tok.decode(tok.encode("fox\n\ndog")) == "fox\n\ndog"
+    stored = CharTokenizer("abc")  # an alphabet stored in a run is used as stored
+    assert from_spec(stored.spec()).alphabet == "abc" and from_spec(stored.spec()).vocab_size == 3
+    for i in range(3):
+        (tmp_path / f"doc{i}.txt").write_text("the quick brown fox jumps over the lazy dog " * 5)  # no newline
+    tok, train, val, _ = prepare_data(TextDataConfig(corpus="files", paths=[str(tmp_path)], seq_len=16,
+                                                     val_fraction=0.34))
+    assert tok.alphabet == "\n abcdefghijklmnopqrstuvwxyz" and len(train) and len(val)
+    assert tok.encode("\n\n") == [0, 0] and int(train.max()) < tok.vocab_size
+
+
+def test_bpe_spec_is_relative_to_the_run_folder_and_fingerprint_is_content(tmp_path):
+    """A BPE spec used to hold the absolute path of its tokenizer.json: a moved run failed to load and
+    two runs with byte-identical tokenizers compared unequal."""
+    import shutil
+
+    pytest.importorskip("tokenizers")
+    from text.tokenizers import train_bpe
+
+    texts = ["the quick brown fox jumps over the lazy dog " * 20, "thee and thou and thy thane " * 20]
+    a = train_bpe(texts, 300, tmp_path / "a" / "tokenizer.json", min_frequency=1)
+    b = train_bpe(texts, 300, tmp_path / "b" / "tokenizer.json", min_frequency=1)
+    other = train_bpe(texts[:1], 280, tmp_path / "c" / "tokenizer.json", min_frequency=1)
+    assert a.spec(tmp_path / "a") == {"kind": "bpe", "path": "tokenizer.json"} == b.spec(tmp_path / "b")
+    assert a.fingerprint() == b.fingerprint() != other.fingerprint()
+    assert CharTokenizer("ab").fingerprint() == CharTokenizer("ba").fingerprint() != CharTokenizer("abc").fingerprint()
+    # a moved folder loads with its relative spec
+    spec = a.spec(tmp_path / "a")
+    shutil.move(tmp_path / "a", tmp_path / "moved")
+    moved = from_spec(spec, root=tmp_path / "moved")
+    assert moved.fingerprint() == b.fingerprint() and moved.encode("the lazy thane") == b.encode("the lazy thane")
+    with pytest.raises(ValueError, match="relative"):
+        from_spec(spec)
+    # runs written before: an absolute path is used while it exists, else the file of that name in the run folder
+    old = {"kind": "bpe", "path": str(tmp_path / "b" / "tokenizer.json")}
+    assert from_spec(old, root=tmp_path / "moved").path == str(tmp_path / "b" / "tokenizer.json")
+    old["path"] = str(tmp_path / "a" / "tokenizer.json")  # no longer there
+    assert from_spec(old, root=tmp_path / "moved").path == str(tmp_path / "moved" / "tokenizer.json")

@@ -316,3 +316,21 @@ def test_difformer_bound_terms_and_kind():
     assert again["nll"] == b["nll"]  # the generator fixes every draw
     with pytest.raises(ValueError, match="'difformer' model"):
         difformer_nll_bound(tiny("radd", vocab=7), chunks)
+
+
+def test_sampling_eps_zero_is_refused_naming_the_value():
+    """t = 0 exactly gives RADD's t-DCE an infinite weight dsigma / expm1(sigma(0)); the config that
+    allows such a draw (sampling_eps = 0) is refused up front, naming the value."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    for bad in (0.0, -0.1, 1.0):
+        with pytest.raises(ValueError, match=rf"model\.sampling_eps must be in \(0, 1\), got {bad!r}"):
+            TextModelConfig(kind="radd", dim=16, depth=1, num_heads=2, sampling_eps=bad).validate()
+    TextModelConfig(kind="radd", dim=16, depth=1, num_heads=2, sampling_eps=1e-6).validate()
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs" / "text" / "model").glob("*.yaml"))
+    assert configs
+    for path in configs:  # the shipped defaults are valid (> 0)
+        eps = OmegaConf.load(path).get("sampling_eps", TextModelConfig.sampling_eps)
+        assert 0.0 < eps < 1.0, path.name

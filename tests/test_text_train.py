@@ -1,6 +1,7 @@
 """text.train through Hydra on a tiny corpus: runs, resumes to the same weights, samples, rejects bad configs."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -177,3 +178,70 @@ def test_evaluate_device_cuda_without_cuda_exits_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:  # before any run is read: the path need not exist
         main(["--ar", str(tmp_path / "absent"), "--device", "cuda"])
     assert e.value.code == 2 and "--device 'cuda'" in capsys.readouterr().err
+
+
+def test_sample_command_default_prefix_outside_the_alphabet(tmp_path, radd_run, capsys):
+    """The default --prefix 'ROMEO.\\n' crashed on a character run whose alphabet lacks 'R'; now that
+    example is skipped with a warning, and an explicit --prefix that cannot be encoded exits 2."""
+    from text.sample import main
+
+    out = tmp_path / "s.txt"
+    with pytest.warns(UserWarning, match=r"skipping the prefix example.*'R'"):
+        main(["--run", str(radd_run[0]), "--steps", "4", "--num", "1", "--out", str(out)])
+    text = out.read_text()
+    assert "## sample 0" in text and "## prefix" not in text and "### infilled" in text
+    with pytest.raises(SystemExit) as e:
+        main(["--run", str(radd_run[0]), "--steps", "4", "--num", "1", "--prefix", "Now ROMEO", "--out", str(out)])
+    assert e.value.code == 2 and "--prefix 'Now ROMEO'" in capsys.readouterr().err
+
+
+def test_bpe_runs_compare_by_tokenizer_content_and_load_after_moving(tmp_path, corpus):
+    """Two BPE runs on the same data (identical tokenizers) were refused by text.evaluate, since each
+    spec held its own absolute tokenizer.json path; a moved run folder could not be loaded."""
+    import shutil
+
+    pytest.importorskip("tokenizers")
+    from text.evaluate import main
+    from text.sample import load_run
+
+    bpe = ("data.tokenizer=bpe", "data.bpe_vocab_size=300", "trainer.steps=2", "trainer.ckpt_every=2")
+    run(tmp_path / "ar", corpus, "model=ar", *bpe)
+    run(tmp_path / "radd", corpus, "model=radd", *bpe)
+    for k in ("ar", "radd"):
+        assert json.loads((tmp_path / k / "run.json").read_text())["tokenizer"] == {"kind": "bpe", "path": "tokenizer.json"}
+    res = main(["--ar", str(tmp_path / "ar"), "--radd", str(tmp_path / "radd"), "--val-chunks", "2",
+                "--bound-samples", "1", "--num-samples", "1", "--steps", "2", "--speed-steps", ""])
+    assert res["vocab_size"] > 256 and math.isfinite(res["radd"]["nll_bound"])
+    _, tok, _ = load_run(tmp_path / "ar")
+    shutil.move(tmp_path / "ar", tmp_path / "moved" / "ar")  # e.g. brought back from another machine
+    model, moved, _ = load_run(tmp_path / "moved" / "ar")
+    assert model.kind == "ar" and moved.fingerprint() == tok.fingerprint()
+    assert moved.path == str(tmp_path / "moved" / "ar" / "tokenizer.json")
+
+
+def test_several_ema_decays_load_the_first_configured_decay(tmp_path, corpus):
+    """With ema_decays=[0.999, 0.99], load_run(run) took the export first by file name (0.99) and
+    load_run(run, step=last) the first configured decay (0.999); both now load 0.999."""
+    from core.engine.checkpoint import checkpoint_path, load_checkpoint
+    from text.sample import load_run
+
+    out = tmp_path / "radd"
+    run(out, corpus, "model=radd", "trainer.steps=2", "trainer.ckpt_every=2", "trainer.ema_decays=[0.999,0.99]")
+    assert sorted(p.name for p in out.glob("ema_*.safetensors")) == ["ema_0.99.safetensors", "ema_0.999.safetensors"]
+    shadows = load_checkpoint(checkpoint_path(out / "checkpoints", 2))["ema"]["shadows"]
+    assert not all(torch.equal(shadows["0.999"][k], shadows["0.99"][k]) for k in shadows["0.999"])
+
+    def loaded(**kw):
+        return load_run(out, **kw)[0].state_dict()
+
+    final, at_step = loaded(), loaded(step=2)
+    for k, v in final.items():
+        assert torch.equal(v, at_step[k]) and torch.equal(v, shadows["0.999"][k]), k
+    info = json.loads((out / "run.json").read_text())
+    assert info["ema_decays"] == [0.999, 0.99]
+    del info["ema_decays"]  # a run.json written before the decays were recorded: the checkpoint's order
+    (out / "run.json").write_text(json.dumps(info))
+    assert all(torch.equal(v, final[k]) for k, v in loaded().items())
+    for p in out.glob("ema_*.safetensors"):  # no export: the newest checkpoint's first decay
+        p.unlink()
+    assert all(torch.equal(v, final[k]) for k, v in loaded().items())

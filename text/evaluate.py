@@ -3,7 +3,8 @@
     python -m text.evaluate --sedd outputs/text/sedd --radd outputs/text/radd --ar outputs/text/ar \\
         [--step 400] [--val-chunks 256] [--bound-samples 4] [--num-samples 16] [--steps 128] --out eval.json
 
-All runs must share the data settings (the same validation chunks are rebuilt from ``run.json``).
+All runs must share the data settings (the same validation chunks are rebuilt from ``run.json``) and
+the tokenizer (compared by content, the tokenizers' ``fingerprint()``, not by where their files lie).
 Reports, per model: the validation perplexity (exact for AR, the ELBO bound for SEDD/RADD, see
 :mod:`text.metrics`); for samples of ``--steps`` diffusion steps and AR samples at temperature 1:
 their generative perplexity under the AR model (or under ``--scorer``, an independent AR run) with
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
     scorer = ar
     if a.scorer is not None:
         scorer, stok, sinfo = load_run(a.scorer, device=dev)
-        if scorer.kind != "ar" or stok.spec() != tok.spec():
+        if scorer.kind != "ar" or stok.fingerprint() != tok.fingerprint():
             raise ValueError(f"--scorer {a.scorer!r} must be an 'ar' run with the tokenizer of {a.ar!r}, "
                              f"got a {scorer.kind!r} run")
     # Held-out text scored like the samples: what a perfect generator would get (for the baseline
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
             continue
         t0 = time.perf_counter()
         m, tk, inf = load_run(run, device=dev, step=a.step)
-        if inf["data"] != info["data"] or tk.spec() != tok.spec():
+        if inf["data"] != info["data"] or tk.fingerprint() != tok.fingerprint():
             raise ValueError(f"{run!r} was trained on other data or another tokenizer than {a.ar!r}")
         b = diffusion_nll_bound(m, val, samples=a.bound_samples, generator=gen())
         r = {"perplexity_bound": math.exp(b["nll"]), "nll_bound": b["nll"], "nll_stderr": b["stderr"],
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"({time.perf_counter() - t0:.0f}s)", flush=True)
     if a.difformer:
         m, tk, inf = load_run(a.difformer, device=dev)  # its final weights (it may have run for other steps)
-        if inf["data"] != info["data"] or tk.spec() != tok.spec():
+        if inf["data"] != info["data"] or tk.fingerprint() != tok.fingerprint():
             raise ValueError(f"{a.difformer!r} was trained on other data or another tokenizer than {a.ar!r}")
         xs, nfe = sample_diffusion(m, a.num_samples, L, a.steps, generator=gen())
         ent = unigram_entropy(xs, tok.vocab_size)

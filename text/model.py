@@ -58,7 +58,7 @@ class TextModelConfig:
     num_heads: int = 4
     mlp_ratio: float = 4.0
     noise_eps: float = 1e-3  # LogLinear: mask probability (1 - eps) t
-    sampling_eps: float = 1e-3  # training times t ~ U(eps, 1) (SEDD / RADD)
+    sampling_eps: float = 1e-3  # training times t ~ U(eps, 1) (SEDD / RADD); 0 < eps < 1
     loss: str = "tdce"  # radd only: "tdce" (MDLM / RADD t-DCE) or "lambda" (RADD lambda-DCE)
     path: str = "cosine"  # difformer only: the core Gaussian path in embedding space
     embed_scale: float = 0.5  # difformer: norm of the normalised embeddings / sqrt(dim) (1 / noise factor)
@@ -77,8 +77,9 @@ class TextModelConfig:
                 raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)!r}")
         if not 0.0 < self.noise_eps < 1.0:
             raise ValueError(f"model.noise_eps must be in (0, 1), got {self.noise_eps!r}")
-        if not 0.0 <= self.sampling_eps < 1.0:
-            raise ValueError(f"model.sampling_eps must be in [0, 1), got {self.sampling_eps!r}")
+        if not 0.0 < self.sampling_eps < 1.0:
+            # t = 0 exactly (no noise) gives t-DCE an infinite weight dsigma / expm1(sigma)
+            raise ValueError(f"model.sampling_eps must be in (0, 1), got {self.sampling_eps!r}")
         if self.time_sampling not in TIME_SAMPLING:
             raise ValueError(f"model.time_sampling must be one of {list(TIME_SAMPLING)}, got {self.time_sampling!r}")
         if not self.embed_scale > 0:

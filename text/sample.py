@@ -10,7 +10,8 @@
 - :func:`sample_ar`: ancestral sampling of the causal baseline at a temperature (one network call
   per token, no KV cache).
 - :func:`load_run`: the model, tokenizer and settings of a finished ``text.train`` run
-  (``run.json`` + the EMA weights it exported, else the newest checkpoint's EMA / model weights).
+  (``run.json`` + the EMA weights it exported, else the newest checkpoint's EMA / model weights;
+  with several EMA decays, the first of the run's ``trainer.ema_decays``).
 
 The command writes unconditional samples, a prefix-prompted sample and (for diffusion models) an
 infilling example -- the first and last quarter of a validation chunk given, the middle generated --
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -32,6 +34,8 @@ from .model import TextModel, TextModelConfig
 from .tokenizers import from_spec
 
 __all__ = ["sample_diffusion", "sample_ar", "load_run", "main"]
+
+DEFAULT_PREFIX = "ROMEO.\n"  # the prompt of python -m text.sample when --prefix is not given
 
 
 @torch.no_grad()
@@ -124,45 +128,74 @@ def sample_ar(model: TextModel, num: int, length: int, *, temperature: float = 1
     return x, torch.full((num,), length - start, dtype=torch.int64, device=device)
 
 
+def _ema_state(ckpt: dict, order: list[str]) -> dict:
+    """The EMA weights of a checkpoint of the first decay of ``order``, else its model weights."""
+    shadows = (ckpt.get("ema") or {}).get("shadows") or {}
+    if not shadows:
+        return ckpt["model"]
+    for key in order:
+        if key in shadows:
+            return shadows[key]
+    return next(iter(shadows.values()))  # the engine keeps the shadows in the configured order
+
+
+def _pick_export(run_dir: Path, exports: list[Path], order: list[str]) -> Path:
+    """The export ``ema_<decay>.safetensors`` of the first decay of ``order``."""
+    if not order and len(exports) > 1:
+        # a run.json from before the decays were recorded: the checkpoints keep the configured order
+        from core.engine.checkpoint import newest_loadable
+
+        found = newest_loadable(run_dir / "checkpoints")
+        if found is not None:
+            order = list((found[1].get("ema") or {}).get("shadows") or {})
+    by_name = {p.name: p for p in exports}
+    for key in order:
+        if f"ema_{key}.safetensors" in by_name:
+            return by_name[f"ema_{key}.safetensors"]
+    return exports[0]  # exports named otherwise (a packed run): the first by name
+
+
 def load_run(run_dir: str | Path, device: str = "cpu", step: int | None = None) -> tuple[TextModel, object, dict]:
     """``(model in eval mode, tokenizer, run.json dict)`` of a ``text.train`` output directory.
 
-    Weights: the EMA export of a finished run, else the newest checkpoint's (first) EMA; ``step``
-    picks the EMA of the checkpoint of that step instead (to compare runs at equal steps).
+    Weights: the EMA export of a finished run, else the newest checkpoint's EMA; ``step`` picks the
+    EMA of the checkpoint of that step instead (to compare runs at equal steps). With several EMA
+    decays every one of these loads the same decay: the first of the run's ``trainer.ema_decays``
+    in its configured order (not the first export by file name). A BPE tokenizer's
+    ``tokenizer.json`` is found relative to ``run_dir``, so a moved or copied run folder loads.
     """
+    from core.engine.ema import decay_key
+
     run_dir = Path(run_dir)
     info_path = run_dir / "run.json"
     if not info_path.is_file():
         raise ValueError(f"{str(run_dir)!r} is not a text.train run (no run.json)")
     info = json.loads(info_path.read_text())
     model = TextModel(TextModelConfig(**info["model"]), info["vocab_size"])
+    order = [decay_key(d) for d in info.get("ema_decays") or []]
     exports = sorted(run_dir.glob("ema_*.safetensors")) if step is None else []
     if step is not None:
         from core.engine.checkpoint import checkpoint_path, load_checkpoint
 
-        ckpt = load_checkpoint(checkpoint_path(run_dir / "checkpoints", step))
-        shadows = (ckpt.get("ema") or {}).get("shadows") or {}
-        state = next(iter(shadows.values())) if shadows else ckpt["model"]
+        state = _ema_state(load_checkpoint(checkpoint_path(run_dir / "checkpoints", step)), order)
     elif exports:
         from safetensors.torch import load_file
 
-        state = load_file(str(exports[0]))
+        state = load_file(str(_pick_export(run_dir, exports, order)))
     else:
         from core.engine.checkpoint import newest_loadable
 
         found = newest_loadable(run_dir / "checkpoints")
         if found is None:
             raise ValueError(f"{str(run_dir)!r} holds neither exported EMA weights nor a checkpoint")
-        ckpt = found[1]
-        shadows = (ckpt.get("ema") or {}).get("shadows") or {}
-        state = next(iter(shadows.values())) if shadows else ckpt["model"]
+        state = _ema_state(found[1], order)
     # EMA exports also hold non-persistent buffers (RoPE frequencies) that the model rebuilds itself.
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     if missing:
         raise ValueError(f"weights of {str(run_dir)!r} lack {missing[:5]} (a different model config?)")
     model.load_state_dict({k: state[k] for k in expected})
-    return model.to(device).eval(), from_spec(info["tokenizer"]), info
+    return model.to(device).eval(), from_spec(info["tokenizer"], root=run_dir), info
 
 
 def _fmt(tokenizer, ids: Tensor) -> str:
@@ -177,7 +210,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--length", type=int, default=None, help="tokens per sample (default: the run's seq_len)")
     p.add_argument("--steps", type=int, default=128, help="diffusion steps")
     p.add_argument("--temperature", type=float, default=1.0, help="AR sampling temperature")
-    p.add_argument("--prefix", default="ROMEO.\n", help="prompt text for the prefix-conditioned sample")
+    p.add_argument("--prefix", default=None,
+                   help=f"prompt text for the prefix-conditioned sample (default {DEFAULT_PREFIX!r}; skipped with "
+                        "a warning when the run's tokenizer cannot encode it)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     a = p.parse_args(argv)
@@ -186,16 +221,28 @@ def main(argv: list[str] | None = None) -> None:
     g = torch.Generator(device=a.device).manual_seed(a.seed)
     lines = [f"# {model.kind} samples from {a.run} (length {L}, "
              + (f"temperature {a.temperature})" if model.kind == "ar" else f"{a.steps} steps)")]
-    prefix = torch.tensor(tok.encode(a.prefix)[:L])
+    text = DEFAULT_PREFIX if a.prefix is None else a.prefix
+    try:
+        prefix = torch.tensor(tok.encode(text)[:L], dtype=torch.int64)
+    except ValueError as e:  # a character tokenizer lacks one of its characters
+        if a.prefix is not None:
+            p.error(f"--prefix {a.prefix!r} cannot be encoded by the run's tokenizer: {e}")
+        warnings.warn(f"skipping the prefix example: the default --prefix {DEFAULT_PREFIX!r} cannot be encoded by "
+                      f"the run's tokenizer ({e}); give --prefix in the run's alphabet", stacklevel=2)
+        prefix = None
     if model.kind == "ar":
         x, _ = sample_ar(model, a.num, L, temperature=a.temperature, generator=g)
-        xp, _ = sample_ar(model, 1, L, temperature=a.temperature, generator=g, prefix=prefix)
+        if prefix is not None:
+            xp, _ = sample_ar(model, 1, L, temperature=a.temperature, generator=g, prefix=prefix)
     else:
         x, _ = sample_diffusion(model, a.num, L, a.steps, generator=g)
-        xp, _ = sample_diffusion(model, 1, L, a.steps, generator=g, positions=torch.arange(len(prefix)), tokens=prefix)
+        if prefix is not None:
+            xp, _ = sample_diffusion(model, 1, L, a.steps, generator=g, positions=torch.arange(len(prefix)),
+                                     tokens=prefix)
     for i, row in enumerate(x):
         lines += [f"\n## sample {i}\n", _fmt(tok, row)]
-    lines += [f"\n## prefix {a.prefix!r}\n", _fmt(tok, xp[0])]
+    if prefix is not None:
+        lines += [f"\n## prefix {text!r}\n", _fmt(tok, xp[0])]
     if model.kind != "ar":
         val = torch.load(Path(a.run) / "val_chunk.pt", weights_only=True)[:L]
         q = len(val) // 4

@@ -1,8 +1,10 @@
 """Tokenizers of the text domain: characters, GPT-2 BPE from local files, a user's own BPE.
 
-Every tokenizer has ``encode(str) -> list[int]``, ``decode(ids) -> str``, ``vocab_size`` and
+Every tokenizer has ``encode(str) -> list[int]``, ``decode(ids) -> str``, ``vocab_size``,
 ``spec()`` (a JSON-able dict that :func:`from_spec` turns back into the same tokenizer, so a
-training run can record the tokenizer next to its weights).
+training run can record the tokenizer next to its weights; file paths inside a run folder are
+stored relative to it, so the folder can be moved) and ``fingerprint()`` (a SHA-256 of what the
+tokenizer maps, not of where its files lie: two tokenizers with equal fingerprints encode alike).
 
 - :class:`CharTokenizer`: one id per character of a fixed alphabet (sorted); an unknown
   character is a ``ValueError`` naming it, never a silent drop.
@@ -16,6 +18,7 @@ training run can record the tokenizer next to its weights).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -28,6 +31,14 @@ GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33
 GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
 # GPT-2's pre-tokenisation pattern (tiktoken's r50k pattern).
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+
+
+def _sha256(*parts: bytes) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(len(part).to_bytes(8, "little"))
+        h.update(part)
+    return h.hexdigest()
 
 
 def _check_ids(ids: Iterable[int], vocab_size: int) -> list[int]:
@@ -72,8 +83,11 @@ class CharTokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return "".join(self.alphabet[i] for i in _check_ids(ids, self.vocab_size))
 
-    def spec(self) -> dict:
+    def spec(self, root: str | os.PathLike | None = None) -> dict:
         return {"kind": self.kind, "alphabet": self.alphabet}
+
+    def fingerprint(self) -> str:
+        return _sha256(self.kind.encode(), self.alphabet.encode("utf-8", "surrogatepass"))
 
 
 def gpt2_files() -> tuple[str, str]:
@@ -128,8 +142,17 @@ class GPT2Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return self.enc.decode(_check_ids(ids, self.vocab_size))
 
-    def spec(self) -> dict:
-        return {"kind": self.kind, "vocab_bpe": self.files[0], "encoder_json": self.files[1], "verify": self.verify}
+    def spec(self, root: str | os.PathLike | None = None) -> dict:
+        """The packaged files are recorded as ``None`` (found again wherever the package is installed)."""
+        try:
+            packaged = tuple(os.path.realpath(f) for f in gpt2_files()) == tuple(os.path.realpath(f) for f in self.files)
+        except ImportError:
+            packaged = False
+        files = (None, None) if packaged else self.files
+        return {"kind": self.kind, "vocab_bpe": files[0], "encoder_json": files[1], "verify": self.verify}
+
+    def fingerprint(self) -> str:
+        return _sha256(self.kind.encode(), *(Path(f).read_bytes() for f in self.files))
 
 
 class BPETokenizer:
@@ -155,8 +178,19 @@ class BPETokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return self.tok.decode(_check_ids(ids, self.vocab_size), skip_special_tokens=False)
 
-    def spec(self) -> dict:
-        return {"kind": self.kind, "path": self.path}
+    def spec(self, root: str | os.PathLike | None = None) -> dict:
+        """``path`` relative to ``root`` (a run folder) when the file lies inside it, else absolute."""
+        path = Path(self.path).resolve()
+        if root is not None:
+            try:
+                return {"kind": self.kind, "path": path.relative_to(Path(root).resolve()).as_posix()}
+            except ValueError:
+                pass
+        return {"kind": self.kind, "path": str(path)}
+
+    def fingerprint(self) -> str:
+        # the tokenizer's own serialisation: the same vocabulary, merges and pipeline, wherever it is stored
+        return _sha256(self.kind.encode(), self.tok.to_str().encode())
 
 
 def train_bpe(texts: Sequence[str], vocab_size: int, path: str | os.PathLike, min_frequency: int = 2) -> BPETokenizer:
@@ -180,15 +214,30 @@ def train_bpe(texts: Sequence[str], vocab_size: int, path: str | os.PathLike, mi
     return BPETokenizer(str(path))
 
 
-def from_spec(spec: dict):
-    """The tokenizer described by ``spec()`` of a tokenizer."""
+def from_spec(spec: dict, root: str | os.PathLike | None = None):
+    """The tokenizer described by ``spec(root)`` of a tokenizer.
+
+    ``root``: the folder that relative file paths of the spec are resolved against (a run folder).
+    An absolute BPE path (runs written before paths were stored relative) is used while it exists;
+    once the run folder has moved, the file of that name inside ``root`` is used instead.
+    """
     kind = spec.get("kind")
     if kind == "char":
         return CharTokenizer(spec["alphabet"])
     if kind == "gpt2":
-        return GPT2Tokenizer(spec.get("vocab_bpe"), spec.get("encoder_json"), spec.get("verify", True))
+        vocab_bpe, encoder_json, verify = spec.get("vocab_bpe"), spec.get("encoder_json"), spec.get("verify", True)
+        if verify and vocab_bpe is not None and not (os.path.isfile(vocab_bpe) and os.path.isfile(encoder_json)):
+            vocab_bpe = encoder_json = None  # checked against the official SHA-256: the packaged files are the same
+        return GPT2Tokenizer(vocab_bpe, encoder_json, verify)
     if kind == "bpe":
-        return BPETokenizer(spec["path"])
+        path = Path(spec["path"])
+        if not path.is_absolute():
+            if root is None:
+                raise ValueError(f"BPE tokenizer path {spec['path']!r} is relative to its run folder: give root")
+            path = Path(root) / path
+        elif not path.is_file() and root is not None and (Path(root) / path.name).is_file():
+            path = Path(root) / path.name
+        return BPETokenizer(str(path))
     raise ValueError(f"unknown tokenizer kind {kind!r}; choose one of ['char', 'gpt2', 'bpe']")
 
 
@@ -196,12 +245,13 @@ def build_tokenizer(kind: str, train_texts: Sequence[str], *, all_texts: Sequenc
                     bpe_vocab_size: int = 1024, bpe_path: str | os.PathLike | None = None):
     """A tokenizer of ``kind`` for a corpus.
 
-    ``char``: the alphabet of ``all_texts`` (train and validation, so that validation text never
-    holds an unknown character; an alphabet carries no information about the text's content).
+    ``char``: the alphabet of ``train_texts`` and ``all_texts`` (train and validation, so that
+    validation text never holds an unknown character; an alphabet carries no information about the
+    text's content), always with ``"\\n"`` (the document separator ``"\\n\\n"`` must encode).
     ``gpt2``: the packaged GPT-2 files. ``bpe``: trained on ``train_texts`` only, saved to ``bpe_path``.
     """
     if kind == "char":
-        return CharTokenizer.from_texts(list(train_texts) + list(all_texts))
+        return CharTokenizer.from_texts([*train_texts, *all_texts, "\n"])
     if kind == "gpt2":
         return GPT2Tokenizer()
     if kind == "bpe":
@@ -212,4 +262,4 @@ def build_tokenizer(kind: str, train_texts: Sequence[str], *, all_texts: Sequenc
 
 
 def save_spec(tokenizer, path: str | os.PathLike) -> None:
-    Path(path).write_text(json.dumps(tokenizer.spec()))
+    Path(path).write_text(json.dumps(tokenizer.spec(Path(path).parent)))

@@ -10,9 +10,10 @@ written during training), ``trainer`` (``core.engine`` :class:`TrainerConfig`). 
 share one transformer and parameter count, the data pipeline, the engine and its settings, so
 a comparison at equal steps changes only ``model=``.
 
-The run directory gets ``run.json`` (model and data settings, tokenizer spec, vocabulary size),
-``val_chunk.pt`` (one validation chunk, for the infilling example of ``text.sample``) and,
-with ``data.tokenizer=bpe``, the trained ``tokenizer.json``.
+The run directory gets ``run.json`` (model and data settings, tokenizer spec, vocabulary size, the
+EMA decays in their configured order), ``val_chunk.pt`` (one validation chunk, for the infilling
+example of ``text.sample``) and, with ``data.tokenizer=bpe``, the trained ``tokenizer.json`` (named
+in ``run.json`` relative to the run directory, so the directory can be moved or copied).
 """
 
 from __future__ import annotations
@@ -137,8 +138,8 @@ def train(cfg: DictConfig) -> dict:
                       run_config=ctx.snapshot())
     trainer.resume()  # a refused resume (another model's checkpoint) stops before run.json is rewritten
     if trainer.is_main:
-        info = {"model": dataclasses.asdict(model_cfg), "data": dataclasses.asdict(data_cfg), "tokenizer": tok.spec(),
-                "vocab_size": tok.vocab_size, "parameters": n_params,
+        info = {"model": dataclasses.asdict(model_cfg), "data": dataclasses.asdict(data_cfg), "tokenizer": tok.spec(out_dir),
+                "vocab_size": tok.vocab_size, "ema_decays": list(ctx.trainer.ema_decays), "parameters": n_params,
                 "train_chunks": train_chunks.shape[0], "val_chunks": val_chunks.shape[0], "split": split}
         atomic_write(out_dir / "run.json", lambda f: f.write(json.dumps(info, indent=1).encode()))
         atomic_write(out_dir / "val_chunk.pt", lambda f: torch.save(val_chunks[0].clone(), f))
