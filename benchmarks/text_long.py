@@ -163,6 +163,8 @@ def pack(out: Path, models: list[str], step: int, dest: Path) -> None:
         d = dest / k
         d.mkdir(parents=True, exist_ok=True)
         shutil.copy(out / k / "run.json", d / "run.json")
+        if (out / k / "tokenizer.json").is_file():  # a BPE run: run.json names it relative to the run folder
+            shutil.copy(out / k / "tokenizer.json", d / "tokenizer.json")
         ckpt = load_checkpoint(checkpoint_path(out / k / "checkpoints", step))
         shadows = (ckpt.get("ema") or {}).get("shadows") or {}
         state = next(iter(shadows.values())) if shadows else ckpt["model"]

@@ -217,6 +217,12 @@ def test_bpe_runs_compare_by_tokenizer_content_and_load_after_moving(tmp_path, c
     model, moved, _ = load_run(tmp_path / "moved" / "ar")
     assert model.kind == "ar" and moved.fingerprint() == tok.fingerprint()
     assert moved.path == str(tmp_path / "moved" / "ar" / "tokenizer.json")
+    # benchmarks.text_long's pack (weights brought back from a GPU run) carries the BPE file along
+    from benchmarks.text_long import pack
+
+    pack(tmp_path, ["radd"], 2, tmp_path / "packed")
+    _, packed, _ = load_run(tmp_path / "packed" / "radd")
+    assert packed.fingerprint() == tok.fingerprint()
 
 
 def test_several_ema_decays_load_the_first_configured_decay(tmp_path, corpus):
