@@ -393,10 +393,12 @@ def to_dense(graphs, max_node_num: int | None = None, max_feat_num: int | None =
     """``((x, adj, flags), kind)`` of ``graphs`` in any supported container (see :func:`graph_kind`).
 
     ``adj`` holds edge weights (networkx ``weight``, PyG ``edge_attr`` when 1-D, else 1); ``flags`` marks the
-    graph's nodes (isolated ones included). Node features: a dense input keeps its ``x``; PyG ``Data.x`` is
-    kept with ``init="data"``; otherwise ``init`` is ``"deg"`` (one-hot degree, ``max_feat_num`` classes,
-    default max degree + 1), ``"ones"`` or ``"zeros"`` (``max_feat_num`` default 1). ``max_node_num``
-    defaults to the largest graph.
+    graph's nodes (isolated ones included). Node features: a dense input keeps its ``x``; PyG ``Data.x`` and
+    the networkx node attribute ``x`` (as :func:`from_dense` writes it) are kept with ``init="data"``;
+    otherwise ``init`` is ``"deg"`` (one-hot degree, ``max_feat_num`` classes, default max degree + 1),
+    ``"ones"`` or ``"zeros"`` (``max_feat_num`` default 1). ``max_node_num`` defaults to the largest graph.
+    The graphs must be undirected (GDSS's adjacency is symmetric): a networkx ``DiGraph`` or multigraph, or
+    a PyG ``edge_index`` that holds an edge in one direction only, is refused naming the graph.
     """
     kind = graph_kind(graphs)
     if kind == "dense":
@@ -407,10 +409,19 @@ def to_dense(graphs, max_node_num: int | None = None, max_feat_num: int | None =
         raise ValueError(f"unknown node feature init {init!r}; choose 'deg', 'ones', 'zeros' or 'data'")
     feats: list[Tensor | None] = []
     if kind == "networkx":
-        if init == "data":
-            raise ValueError("init='data' needs PyG Data with x; networkx graphs get 'deg', 'ones' or 'zeros'")
+        for i, g in enumerate(graphs):
+            if g.is_directed() or g.is_multigraph():
+                raise ValueError(f"graph {i} is a {type(g).__name__}: GDSS models simple undirected graphs "
+                                 f"(convert with nx.Graph(g) or g.to_undirected())")
         adjs = [torch.as_tensor(nx.to_numpy_array(g, nodelist=list(g.nodes)), dtype=dtype) for g in graphs]
-        feats = [None] * len(adjs)
+        if init == "data":
+            for i, g in enumerate(graphs):
+                lacking = [v for v in g.nodes if "x" not in g.nodes[v]]
+                if lacking:
+                    raise ValueError(f"init='data' but node {lacking[0]!r} of graph {i} has no attribute 'x'")
+                feats.append(torch.as_tensor([g.nodes[v]["x"] for v in g.nodes], dtype=dtype).reshape(len(g), -1))
+        else:
+            feats = [None] * len(adjs)
     else:
         datas = graphs.to_data_list() if kind == "pyg_batch" else ([graphs] if kind == "pyg" else list(graphs))
         adjs = []
@@ -421,6 +432,9 @@ def to_dense(graphs, max_node_num: int | None = None, max_feat_num: int | None =
             w = getattr(d, "edge_attr", None)
             w = w.to(dtype) if w is not None and w.ndim == 1 else torch.ones(ei.shape[1], dtype=dtype)
             a[ei[0], ei[1]] = w
+            if not torch.equal(a, a.T):
+                raise ValueError(f"graph {len(adjs)}'s edge_index holds an edge in one direction only: GDSS models "
+                                 f"undirected graphs (give both directions, e.g. torch_geometric.utils.to_undirected)")
             adjs.append(a)
             if init == "data" and getattr(d, "x", None) is None:
                 raise ValueError("init='data' but a Data object has no x")
@@ -463,7 +477,8 @@ def from_dense(x: Tensor, adj: Tensor, flags: Tensor, kind: str = "networkx"):
 
     networkx graphs get nodes ``0..n-1`` with attribute ``x`` (feature vector) and edges ``{i, j}`` where
     ``adj[i, j] != 0`` (a ``weight`` attribute unless it is 1); PyG ``Data`` get ``x``, ``edge_index`` (both
-    directions) and ``edge_attr`` when a weight is not 1.
+    directions) and ``edge_attr`` when a weight is not 1 (in a ``pyg_batch`` every graph gets it when any
+    graph has one, ones where it has none: a Batch takes its keys from the first graph).
     """
     _check_dense(x, adj, flags)
     if kind == "dense":
@@ -483,15 +498,16 @@ def from_dense(x: Tensor, adj: Tensor, flags: Tensor, kind: str = "networkx"):
     if kind in ("pyg", "pyg_list", "pyg_batch"):
         from torch_geometric.data import Batch, Data
 
-        datas = []
+        datas, weighted = [], []
         for i, n in enumerate(sizes):
             a = adj[i, :n, :n]
             ei = torch.nonzero(a != 0).t().contiguous()
-            d = Data(x=x[i, :n].clone(), edge_index=ei, num_nodes=n)
-            w = a[ei[0], ei[1]]
-            if bool((w != 1).any()):
+            datas.append(Data(x=x[i, :n].clone(), edge_index=ei, num_nodes=n))
+            weighted.append(a[ei[0], ei[1]])
+        every = kind == "pyg_batch" and any(bool((w != 1).any()) for w in weighted)
+        for d, w in zip(datas, weighted, strict=True):
+            if every or bool((w != 1).any()):
                 d.edge_attr = w
-            datas.append(d)
         if kind == "pyg":
             if len(datas) != 1:
                 raise ValueError(f"kind 'pyg' is one Data object, but the batch holds {len(datas)} graphs")

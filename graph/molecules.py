@@ -103,12 +103,13 @@ def canonical_smiles(smiles: str | Chem.Mol | None, isomeric: bool = False) -> s
     return Chem.MolToSmiles(mol, isomericSmiles=isomeric)
 
 
-def read_smiles_file(path: str | Path, column: str | int = "smiles") -> tuple[list[str], list[tuple[int, str, str]]]:
+def read_smiles_file(path: str | Path, column: str | int = "smiles", *, with_lines: bool = False):
     """SMILES from a text/CSV file (``.gz`` accepted): one molecule a line, ``column`` a header name or index.
 
     Lines are split on commas, tabs or spaces; a first line that names ``column`` (or starts with the
     word ``smiles``) is a header. A name not in the header (or no header) reads the first field. Returns ``(smiles, invalid)``: the parsing
-    SMILES, and ``(line_number, text, reason)`` for each line RDKit rejects. Invalid lines are also
+    SMILES, and ``(line_number, text, reason)`` for each line RDKit rejects; with ``with_lines``
+    ``(smiles, invalid, line_numbers)``, the 1-based line of each returned SMILES. Invalid lines are also
     reported by a warning with their count.
     """
     path = Path(path)
@@ -117,7 +118,7 @@ def read_smiles_file(path: str | Path, column: str | int = "smiles") -> tuple[li
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt") as fh:
         lines = fh.read().splitlines()
-    smiles, invalid, col = [], [], column
+    smiles, invalid, col, numbers = [], [], column, []
     for n, line in enumerate(lines, start=1):
         fields = [f for f in re.split(r"[,\t ]+", line.strip()) if f]
         if not fields:
@@ -137,9 +138,10 @@ def read_smiles_file(path: str | Path, column: str | int = "smiles") -> tuple[li
             invalid.append((n, text, "RDKit cannot parse it"))
         else:
             smiles.append(text)
+            numbers.append(n)
     if invalid:
         warnings.warn(f"{path}: {len(invalid)} of {len(smiles) + len(invalid)} SMILES are invalid and skipped", stacklevel=2)
-    return smiles, invalid
+    return (smiles, invalid, numbers) if with_lines else (smiles, invalid)
 
 
 def qm9_smiles(limit: int | None = None) -> tuple[list[str], np.ndarray]:
@@ -431,7 +433,8 @@ def load_molecule_dataset(
 
     Returns a dict: ``x`` ``(B, N, F)``, ``adj`` ``(B, N, N)`` (bond orders), ``flags`` ``(B, N)`` (float32),
     ``train_idx``, ``test_idx`` (int64 tensors), ``smiles`` (canonical, non-isomeric), ``atoms``,
-    ``max_atoms``, ``split`` (how the split was made), ``skipped`` (``(source_row, smiles, reason)``).
+    ``max_atoms``, ``split`` (how the split was made), ``skipped`` (``(source_row, smiles, reason)``, sorted; for a SMILES file the row is
+    its 1-based line number, for QM9 / MOSES the position in the source list).
     """
     if name not in DATASETS:
         raise ValueError(f"unknown molecule data set {name!r}; choose one of {DATASETS}")
@@ -451,7 +454,7 @@ def load_molecule_dataset(
             st = Path(path).stat()
             stamp = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
         sf = None if split_file is None else str(Path(split_file).resolve())
-        key = _cache_key(name, stamp, atoms, max_atoms, sf, test_fraction, seed, limit, 1)
+        key = _cache_key(name, stamp, atoms, max_atoms, sf, test_fraction, seed, limit, 2)  # 2: file rows are lines
         cache = Path(cache_dir) / f"{name}_{key}.pt"
         if cache.is_file():
             out = torch.load(cache, weights_only=True)
@@ -484,7 +487,7 @@ def load_molecule_dataset(
         train, test = np.flatnonzero(kept < len(tr)), np.flatnonzero(kept >= len(tr))
         split = "MOSES train.csv.gz / test.csv.gz"
     else:
-        smiles, invalid_file = read_smiles_file(path)
+        smiles, invalid_file, line_of = read_smiles_file(path, with_lines=True)
         if limit is not None:
             smiles = smiles[:limit]
         if atoms is None or max_atoms is None:
@@ -502,7 +505,10 @@ def load_molecule_dataset(
         train, test = _seeded_split(n, max(1, round(test_fraction * n)), seed)
         split = f"seeded random: {test_fraction:g} of the molecules as test, numpy default_rng({seed})"
 
-    skipped = [(int(i), s, r) for i, s, r in enc["skipped"]] + [(int(i), s, r) for i, s, r in invalid_file]
+    # a SMILES file's rows are its line numbers, for parse failures (read_smiles_file) and encoding
+    # failures (positions in the parsed list, mapped back to their lines) alike
+    row = (lambda i: line_of[i]) if name == "file" else (lambda i: i)
+    skipped = sorted([(int(row(i)), s, r) for i, s, r in enc["skipped"]] + [(int(i), s, r) for i, s, r in invalid_file])
     if enc["skipped"]:
         reasons = sorted({r.split(":")[0] if "atom" not in r else r for _, _, r in enc["skipped"]})[:5]
         warnings.warn(

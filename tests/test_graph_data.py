@@ -247,6 +247,45 @@ def test_pyg_round_trips():
         assert len(weights) == h.number_of_edges()
 
 
+def test_pyg_batch_keeps_bond_orders_whichever_graph_comes_first():
+    # a Batch takes its keys from its first graph: every graph needs edge_attr when any has a weight
+    x = torch.ones(2, 3, 1)
+    single = torch.tensor([[0, 1, 0], [1, 0, 1], [0, 1, 0]], dtype=torch.float32)
+    double = torch.tensor([[0, 2, 0], [2, 0, 0], [0, 0, 0]], dtype=torch.float32)
+    f3, f2 = torch.tensor([1.0, 1, 1]), torch.tensor([1.0, 1, 0])
+    for adj, flags in ((torch.stack([single, double]), torch.stack([f3, f2])),
+                       (torch.stack([double, single]), torch.stack([f2, f3]))):
+        batch = from_dense(x, adj, flags, "pyg_batch")
+        (_, back, _), _ = to_dense(batch, max_node_num=3, init="ones")
+        assert torch.equal(back, adj)
+
+
+def test_directed_input_is_refused_naming_the_graph():
+    from torch_geometric.data import Data
+
+    with pytest.raises(ValueError, match="graph 1 is a DiGraph"):
+        to_dense([nx.path_graph(3), nx.path_graph(3, create_using=nx.DiGraph)])
+    with pytest.raises(ValueError, match="graph 0 is a MultiGraph"):
+        to_dense([nx.MultiGraph([(0, 1), (0, 1)])])
+    one_way = Data(edge_index=torch.tensor([[0, 1, 2], [1, 2, 3]]), num_nodes=4)  # each edge stored once
+    with pytest.raises(ValueError, match="graph 0's edge_index holds an edge in one direction only"):
+        to_dense([one_way])
+
+
+def test_networkx_node_features_round_trip_with_init_data():
+    x = torch.randn(2, 4, 3, generator=torch.Generator().manual_seed(0))
+    adj = torch.zeros(2, 4, 4)
+    adj[:, 0, 1] = adj[:, 1, 0] = 1.0
+    flags = torch.tensor([[1.0, 1, 1, 1], [1, 1, 1, 0]])
+    x = x * flags.unsqueeze(-1)
+    graphs = from_dense(x, adj, flags, "networkx")
+    (x2, adj2, flags2), _ = to_dense(graphs, max_node_num=4, init="data")
+    assert torch.equal(x2, x) and torch.equal(adj2, adj) and torch.equal(flags2, flags)
+    del graphs[1].nodes[2]["x"]
+    with pytest.raises(ValueError, match="node 2 of graph 1 has no attribute 'x'"):
+        to_dense(graphs, init="data")
+
+
 def test_dense_input_passes_through_and_errors():
     x, adj, flags = torch.zeros(2, 4, 3), torch.zeros(2, 4, 4), torch.ones(2, 4)
     (x2, adj2, fl2), kind = to_dense((x, adj, flags))

@@ -123,6 +123,8 @@ def test_user_smiles_file_reports_invalid(tmp_path):
     with pytest.warns(UserWarning):
         d2 = load_molecule_dataset("file", path=f, atoms=("C", "N", "O", "Cl"), progress=False)
     assert d2["x"].shape[0] == 3 and any("'Br'" in r for _, _, r in d2["skipped"])
+    # every skipped entry names its line of the file, whether RDKit or the encoder refused it
+    assert [(n, s) for n, s, _ in d2["skipped"]] == [(3, "C1CC"), (5, "C(C)(C)(C)(C)C"), (7, "ClCCBr")]
 
 
 def test_cache_round_trip(tmp_path):
