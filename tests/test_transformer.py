@@ -79,6 +79,23 @@ def test_transformer_with_rope_is_shift_invariant_not_permutation_equivariant():
         net(x, c)
 
 
+def test_a_rope_model_cast_to_bf16_runs_and_keeps_float32_frequencies():
+    """model.to(bf16): q and k came out of the rotation as float32 (cos/sin are), v stayed bf16 and SDPA
+    refused the mix; the cast also rounded the frequency buffer (0.44 rad off at position 1000)."""
+    net = _net(rope_axes=2)
+    x, c = _inputs(N=6)
+    pos = grid_positions(2, 3)
+    ref = net(x, c, positions=pos)
+    half = _net(rope_axes=2).to(torch.bfloat16)
+    out = half(x.bfloat16(), c.bfloat16(), positions=pos)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, atol=0.1, rtol=0.05)
+    rope = RotaryEmbedding(64, 1).to(torch.bfloat16)
+    assert rope.freqs.dtype == torch.float32
+    cos, _ = rope(torch.tensor([[1000.0]]))
+    torch.testing.assert_close(cos, RotaryEmbedding(64, 1)(torch.tensor([[1000.0]]))[0])
+
+
 def test_permutation_equivariance_without_positions():
     net = _net(qk_norm="rms")
     x, c = _inputs(N=7)

@@ -205,6 +205,15 @@ class RotaryEmbedding(nn.Module):
         self.axes = axes
         self.register_buffer("freqs", freqs.float(), persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        # model.to(torch.bfloat16) / .half() would round the frequencies (0.44 rad of error at position
+        # 1000, head_dim 64): they follow the model's device but stay float32
+        exact = self.freqs
+        super()._apply(fn, recurse)
+        if self.freqs.dtype != torch.float32:
+            self.freqs = exact.to(self.freqs.device)
+        return self
+
     def forward(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if pos.shape[-1] != self.axes:
             raise ValueError(f"RoPE positions must have {self.axes} coordinates, got shape {tuple(pos.shape)}")
@@ -215,9 +224,11 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, H, N, head_dim) queries or keys by the angles from ``RotaryEmbedding``."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    """Rotate (B, H, N, head_dim) queries or keys by the angles from ``RotaryEmbedding``: in float32 at
+    least, returned in ``x``'s dtype (a bf16 model's q and k stay bf16, as its v, for SDPA)."""
+    xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    x1, x2 = xf.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
 
 
 __all__ = [
