@@ -179,8 +179,12 @@ class LatentCodec(nn.Module):
         return self._decode(z / self.scale + self.shift)
 
 
-def polydiff_codec(run_dir: str | Path, device="cpu", use_ema: bool = True) -> LatentCodec:
-    """The autoencoder of an ``image.train_autoencoder`` run (its ``codec.json`` holds the scale)."""
+def polydiff_codec(run_dir: str | Path, device="cpu", use_ema: bool = True, scale: float | None = None) -> LatentCodec:
+    """The autoencoder of an ``image.train_autoencoder`` run (its ``codec.json`` holds the scale).
+
+    The weights are the EMA of the first of the run's ``trainer.ema_decays`` (the one the recorded
+    scale was measured on). ``scale`` overrides the recorded scaling factor.
+    """
     from .sample import _weights
 
     run = Path(run_dir)
@@ -190,7 +194,7 @@ def polydiff_codec(run_dir: str | Path, device="cpu", use_ema: bool = True) -> L
     meta = json.loads(meta_path.read_text())
     cfg = AutoencoderConfig(**meta["ae"])
     ae = KLAutoencoder(cfg, meta["image_channels"], meta.get("encoder_dim", 0))
-    ae.load_state_dict(_weights(run, None, use_ema))
+    ae.load_state_dict(_weights(run, None, use_ema, meta.get("ema_decays")))
     ae.to(device).eval()
     size = tuple(meta["image_size"])
 
@@ -203,7 +207,8 @@ def polydiff_codec(run_dir: str | Path, device="cpu", use_ema: bool = True) -> L
     def dec(z):
         return ae.decode(z, size).clamp(-1, 1)
 
-    return LatentCodec(enc, dec, meta["scale"], 0.0, tuple(meta["latent_shape"]), [ae])
+    s = float(meta["scale"] if scale is None else scale)
+    return LatentCodec(enc, dec, s, 0.0, tuple(meta["latent_shape"]), [ae])
 
 
 def load_diffusers_vae(folder: str | Path, image_channels: int | None = None, device="cpu",
@@ -240,10 +245,14 @@ def load_diffusers_vae(folder: str | Path, image_channels: int | None = None, de
 
 
 def load_codec(spec: dict, device="cpu") -> LatentCodec:
-    """A codec from a run's ``latent`` entry: ``{"kind": "polydiff" | "diffusers", "path": ..., ...}``."""
+    """A codec from a run's ``latent`` entry: ``{"kind": "polydiff" | "diffusers", "path": ..., ...}``.
+
+    ``spec["scale"]`` (``data.latent_scale``, or the scale a run recorded) overrides the codec's own
+    scaling factor for both kinds; None keeps it.
+    """
     kind, path = spec.get("kind"), spec.get("path")
     if kind == "polydiff":
-        return polydiff_codec(path, device)
+        return polydiff_codec(path, device, scale=spec.get("scale"))
     if kind == "diffusers":
         return load_diffusers_vae(path, spec.get("image_channels"), device, spec.get("scale"))
     raise ValueError(f"unknown latent codec kind {kind!r}; expected 'polydiff' or 'diffusers'")

@@ -24,6 +24,13 @@ Sources (all offline):
   ``image_size x image_size``. A file PIL cannot decode is reported by name: ``on_error="raise"``
   (default) raises one ``ValueError`` listing every such file, ``on_error="skip"`` logs a warning
   per file and the count and leaves them out. There is no split: ``split`` is ignored.
+  Every image becomes 8 bits per channel by scaling, never clipping: 16-bit gray (PIL modes
+  ``I;16*``, and ``I`` holding values in 0..65535 as PIL reads 16-bit PNGs) as ``round(v / 257)``;
+  float images (mode ``F``) as ``round(255 v)`` when all values are in [0, 1], else as ``round(v)``
+  when they are in [0, 255]; a float image outside both ranges, or an ``I`` image outside
+  0..65535, is ambiguous and reported like an unreadable file. Transparency (alpha of ``RGBA`` /
+  ``LA`` / ``PA``, a palette's or ``tRNS`` transparent colour) is composited on white for both
+  gray and colour targets, so a transparent background is white whatever else the folder holds.
 
 ``image_size`` for the fixed-size sets (``resize="auto"``): a larger size pads with the background
 value 0 (centred; e.g. 28 -> 32 so that patch sizes 4 and 8 divide), a smaller one resizes
@@ -263,6 +270,49 @@ def _resize_crop(img, size: int):
     return img.crop((left, top, left + size, top + size))
 
 
+GRAY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F")
+
+
+def _to_8bit(im):
+    """A PIL image of more than 8 bits per sample (``I;16*``, ``I``, ``F``) as an ``L`` image, scaled to
+    0..255 (see the module docstring); other images unchanged. ValueError for ambiguous values."""
+    from PIL import Image
+
+    if im.mode not in ("I", "F") and not im.mode.startswith("I;16"):
+        return im
+    a = np.asarray(im)
+    if im.mode == "F":
+        a = a.astype(np.float64)
+        if not np.isfinite(a).all():
+            raise ValueError("float image (mode F) holds non-finite values")
+        lo, hi = float(a.min()), float(a.max())
+        if lo >= 0 and hi <= 1:
+            a = a * 255.0
+        elif not (lo >= 0 and hi <= 255):
+            raise ValueError(f"float image (mode F) has values in [{lo:g}, {hi:g}]: expected [0, 1] or [0, 255]; "
+                             "convert it to an 8-bit PNG")
+        out = np.rint(a)
+    else:  # 16-bit samples (I;16*, or I as PIL reads 16-bit PNGs)
+        a = a.astype(np.int64)
+        lo, hi = int(a.min()), int(a.max())
+        if lo < 0 or hi > 65535:
+            raise ValueError(f"integer image (mode {im.mode}) has values in [{lo}, {hi}], outside the 16-bit range "
+                             "0..65535; convert it to an 8-bit PNG")
+        out = np.rint(a / 257.0)
+    return Image.fromarray(out.clip(0, 255).astype(np.uint8), "L")
+
+
+def _on_white(im):
+    """``im`` with its transparency (alpha channel or transparent colour) composited on white, as RGBA;
+    unchanged when it has none."""
+    from PIL import Image
+
+    if im.mode not in ("RGBA", "RGBa", "LA", "La", "PA") and "transparency" not in im.info:
+        return im
+    im = im.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im)
+
+
 def _folder(root: str | None, image_size: int | None, channels: int | None, on_error: str) -> ImageSet:
     from PIL import Image
 
@@ -288,7 +338,7 @@ def _folder(root: str | None, image_size: int | None, channels: int | None, on_e
         try:
             with Image.open(f) as im:
                 im.load()  # decode now: a truncated or corrupt file fails here, not later
-                decoded.append(im.copy())
+                decoded.append(_to_8bit(im.copy()))  # 16-bit / float: scaled to 8 bits (or refused here)
         except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
             decoded.append(None)
             bad.append((str(f), f"{type(e).__name__}: {e}"))
@@ -306,17 +356,13 @@ def _folder(root: str | None, image_size: int | None, channels: int | None, on_e
         if not any(labels[i] == c for i in keep):
             raise ValueError(f"class folder {str(root_p / name)!r} has no readable image left")
     if channels is None:
-        gray = all(decoded[i].mode in ("1", "L", "LA", "I", "I;16", "F") for i in keep)
+        gray = all(decoded[i].mode in GRAY_MODES for i in keep)
         channels = 1 if gray else 3
     mode = "L" if channels == 1 else "RGB"
     arrays = []
     for i in keep:
-        im = decoded[i]
-        if im.mode in ("RGBA", "LA", "P", "PA") and mode == "RGB":
-            im = im.convert("RGBA")  # palette / alpha: composite on white rather than dropping alpha blindly
-            bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
-            im = Image.alpha_composite(bg, im)
-        im = im.convert(mode)
+        # transparency: composite on white for either target, rather than dropping alpha
+        im = _on_white(decoded[i]).convert(mode)
         if image_size is not None:
             im = _resize_crop(im, image_size)
         arrays.append(np.asarray(im, dtype=np.uint8).reshape(im.size[1], im.size[0], channels))

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(a.threads)
     from hydra import compose, initialize_config_dir
 
-    from .sample import generate, save_grid
+    from .sample import default_nfe, generate, save_grid
     from .train import train
 
     out = Path(a.out)
@@ -53,14 +53,15 @@ def main(argv: list[str] | None = None) -> dict:
     result = train(cfg)
     t_train = time.perf_counter() - t0
     t1 = time.perf_counter()
-    images, labels = generate(out, 10, a.sampler, 20, 3.0, seed=0)
+    nfe = default_nfe(a.sampler, None)  # 20; none for an adaptive sampler
+    images, labels = generate(out, 10, a.sampler, nfe, 3.0, seed=0)
     grid = save_grid(images, 10, out / "grid.png")
     report = {"steps": result["step"], "train_seconds": round(t_train, 1), "grid": str(grid),
-              "sampler": a.sampler, "nfe": 20, "cfg_scale": 3.0}
+              "sampler": a.sampler, "nfe": nfe, "cfg_scale": 3.0}
     if not a.no_eval:
         from .evaluate import evaluate_samples
 
-        images, labels = generate(out, a.per_class, a.sampler, 20, 3.0, seed=1)
+        images, labels = generate(out, a.per_class, a.sampler, nfe, 3.0, seed=1)
         metrics = evaluate_samples(images, labels, a.data)
         report.update({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))})
     report["sample_eval_seconds"] = round(time.perf_counter() - t1, 1)

@@ -216,8 +216,8 @@ def evaluate_samples(images: Tensor, labels: Tensor, dataset_name: str, *, root:
     return result
 
 
-def _default_out(run: Path, sampler: str, nfe: int, cfg_scale: float) -> Path:
-    name = f"metrics_{sampler}_nfe{nfe}_cfg{cfg_scale:g}.json"
+def _default_out(run: Path, sampler: str, nfe: int | None, cfg_scale: float) -> Path:
+    name = f"metrics_{sampler}_nfe{'adaptive' if nfe is None else nfe}_cfg{cfg_scale:g}.json"
     return run / name if run.is_dir() else run.with_name(f"{run.stem}_{name}")
 
 
@@ -226,10 +226,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--run", required=True, help="image.train run directory, checkpoint or ema_*.safetensors file")
     p.add_argument("--per-class", type=int, default=100, help="samples per class")
     p.add_argument("--sampler", default="euler")
-    p.add_argument("--nfe", type=int, default=20)
+    p.add_argument("--nfe", type=int, default=None,
+                   help="NFE budget (default 20); none for the adaptive samplers dopri5 and adaptive_sde")
     p.add_argument("--cfg-scale", type=float, default=3.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a keyword option of the core sampler, e.g. rtol=1e-3 (dopri5)")
     p.add_argument("--data-root", default=None, help="data directory (needed for data sets of name 'folder')")
     p.add_argument("--on-error", choices=("raise", "skip"), default=None,
                    help="unreadable files of a folder data set (default: as the run was trained, data.on_error)")
@@ -238,11 +241,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default=None, help="metrics JSON (default: beside the checkpoint)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from .sample import generate
+    from .sample import default_nfe, generate, parse_options
 
+    a.nfe = default_nfe(a.sampler, a.nfe)
     t0 = time.perf_counter()
     images, labels, info = generate(a.run, a.per_class, a.sampler, a.nfe, a.cfg_scale, a.seed,
-                                    batch_size=a.batch_size, return_info=True)
+                                    batch_size=a.batch_size, return_info=True, **parse_options(a.option))
     sampling_seconds = time.perf_counter() - t0
     dataset = info["run"]["dataset"]
     root = a.data_root or (info["run"].get("data") or {}).get("root")

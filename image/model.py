@@ -220,6 +220,12 @@ class ImageDiffusion(nn.Module):
     def null_label(self) -> int:
         return self.num_classes
 
+    @property
+    def has_null_class(self) -> bool:
+        """Whether the label table has the null-class row of classifier-free guidance (it has one only
+        when the model was trained with label dropout, ``class_dropout_prob > 0``)."""
+        return self.cfg.class_dropout_prob > 0
+
     # ------------------------------------------------------------------ time maps
     def dit_steps(self, t: Tensor) -> Tensor:
         """Fractional DDPM steps (B,) whose log-SNR equals ``path.log_snr(t)`` (piecewise linear in the

@@ -11,10 +11,16 @@
   DiT's own ancestral sampler with its learned variance on a respaced DDPM (DiT models only).
 - ``nfe`` is the sampler's budget of denoiser evaluations; with classifier-free guidance a guided
   evaluation costs two network passes over the batch (``network_evals`` in :func:`generate`'s
-  info). Guidance (``core.guidance``): ``cfg_scale`` (1 = conditional model), ``interval`` (guide
-  only for polydiff times ``t`` in ``[t_lo, t_hi]``, Kynkaanniemi et al. 2024), ``adaptive_gamma``
-  (Adaptive Guidance, Castillo et al. 2023: stop guiding a sample once its conditional and
-  unconditional predictions have cosine similarity above gamma).
+  info). The adaptive samplers ``dopri5`` and ``adaptive_sde`` take no budget (``nfe=None``;
+  command line: leave out ``--nfe``): they run from the start to the end of the path and their
+  cost follows their error tolerances, given as sampler options (``rtol``/``atol`` of dopri5,
+  ``eps_abs``/``eps_rel`` of adaptive_sde; ``--option rtol=1e-3``); ``nfe`` in the info is what
+  they spent. Guidance (``core.guidance``): ``cfg_scale`` (1 = conditional model), ``interval``
+  (guide only for polydiff times ``t`` in ``[t_lo, t_hi]``, Kynkaanniemi et al. 2024),
+  ``adaptive_gamma`` (Adaptive Guidance, Castillo et al. 2023: stop guiding a sample once its
+  conditional and unconditional predictions have cosine similarity above gamma). Guidance needs
+  the null class of a model trained with label dropout (``model.class_dropout_prob > 0``); a
+  model without one samples with ``cfg_scale=1`` and no interval / adaptive_gamma only.
 - :func:`save_grid`: a PNG grid, one row per class.
 """
 
@@ -54,7 +60,36 @@ def _run_dir(checkpoint_path: str | Path) -> tuple[Path, Path | None]:
     raise ValueError(f"no run.json beside {p} or its parent: not an image.train checkpoint")
 
 
-def _weights(run: Path, file: Path | None, use_ema: bool) -> dict[str, Tensor]:
+def ema_order(run: Path, decays=None) -> list[str]:
+    """Decay keys (``"0.999"``) of a run's EMAs in ``trainer.ema_decays`` order, the first being the
+    trainer's default EMA (its sample grids, the autoencoder's latent scale). ``decays``: the list
+    recorded in run.json / codec.json; a run from before it was recorded falls back on the shadow
+    order of its newest checkpoint (the engine keeps the configured order), else ``[]``."""
+    from core.engine.ema import decay_key
+
+    if decays:
+        return [decay_key(d) for d in decays]
+    from core.engine.checkpoint import newest_loadable
+
+    found = newest_loadable(run / "checkpoints")
+    return list((found[1].get("ema") or {}).get("shadows") or {}) if found is not None else []
+
+
+def _ema_shadow(state: dict, order: list[str]) -> dict[str, Tensor] | None:
+    """A checkpoint's EMA weights of the first decay of ``order`` (else its first shadow), or None."""
+    shadows = (state.get("ema") or {}).get("shadows") or {}
+    if not shadows:
+        return None
+    for key in order:
+        if key in shadows:
+            return shadows[key]
+    return next(iter(shadows.values()))  # insertion order = the configured order
+
+
+def _weights(run: Path, file: Path | None, use_ema: bool, decays=None) -> dict[str, Tensor]:
+    """The weights to load: ``file`` if given (a checkpoint's EMA of the first configured decay when
+    ``use_ema``), else the run's EMA export of the first configured decay, else the newest checkpoint.
+    ``decays``: the run's ``ema_decays`` as recorded in its JSON (None for older runs)."""
     from safetensors.torch import load_file
 
     from core.engine.checkpoint import list_checkpoints, load_checkpoint
@@ -62,7 +97,11 @@ def _weights(run: Path, file: Path | None, use_ema: bool) -> dict[str, Tensor]:
     if file is None:
         emas = sorted(run.glob("ema_*.safetensors"))
         if use_ema and emas:
-            return load_file(str(emas[0]))
+            order = ema_order(run, decays) if (decays or len(emas) > 1) else []
+            by_name = {p.name: p for p in emas}
+            pick = next((by_name[f"ema_{k}.safetensors"] for k in order if f"ema_{k}.safetensors" in by_name),
+                        emas[0])
+            return load_file(str(pick))
         ckpts = list_checkpoints(run / "checkpoints")
         if not ckpts:
             raise ValueError(f"run {run} has no exported weights and no checkpoint")
@@ -70,9 +109,11 @@ def _weights(run: Path, file: Path | None, use_ema: bool) -> dict[str, Tensor]:
     if file.suffix == ".safetensors":
         return load_file(str(file))
     state = load_checkpoint(file)
-    if use_ema and state.get("ema"):
-        shadows = state["ema"]["shadows"]
-        return shadows[sorted(shadows)[0]]
+    if use_ema:
+        order = [] if not decays else ema_order(run, decays)
+        shadow = _ema_shadow(state, order)
+        if shadow is not None:
+            return shadow
     return state["model"]
 
 
@@ -81,14 +122,16 @@ def load_run(checkpoint_path: str | Path, use_ema: bool = True, device: str | to
     latent codec (``None`` for a pixel-space run; else an object with ``decode(z) -> [-1, 1] images``).
 
     ``checkpoint_path``: the run directory (EMA export if any, else the newest checkpoint), a
-    ``checkpoints/ckpt_*.pt`` file or an ``ema_*.safetensors`` file of the run.
+    ``checkpoints/ckpt_*.pt`` file or an ``ema_*.safetensors`` file of the run. With several EMA
+    decays the run directory and a checkpoint load the first of the run's ``trainer.ema_decays``
+    (recorded in run.json; the trainer's own default EMA), not the first export by file name.
     """
     run, file = _run_dir(checkpoint_path)
     info = json.loads((run / "run.json").read_text())
     cfg = config_from_dict(info["model"])
     model = ImageDiffusion(cfg, tuple(info["input_size"]), info["in_channels"], info["num_classes"],
                            encoder_dim=info.get("encoder_dim", 0))
-    sd = _weights(run, file, use_ema)
+    sd = _weights(run, file, use_ema, info.get("ema_decays"))
     # EMA exports carry non-persistent buffers too (rebuilt tables): drop those
     persistent = set(model.state_dict())
     sd = {k: v for k, v in sd.items() if k in persistent or k not in dict(model.named_buffers())}
@@ -104,29 +147,86 @@ def load_run(checkpoint_path: str | Path, use_ema: bool = True, device: str | to
     return model, info, codec
 
 
+# Steps of the grid given to an adaptive sampler: only its ends matter (its first time and its last
+# positive-sigma time, plus the final denoising step onto t = 0 where the path lands on data).
+ADAPTIVE_GRID_STEPS = 2
+# Samplers that take finished samples out of the batch they pass the denoiser (adaptive_sde steps every
+# sample on its own): the class labels and guidance state follow the whole batch, so they run one
+# sample at a time.
+PER_SAMPLE_SAMPLERS = ("adaptive_sde",)
+
+
+def is_adaptive(sampler: str) -> bool:
+    """Whether a core sampler picks its own steps (dopri5, adaptive_sde): it takes no NFE budget."""
+    return sampler in SAMPLERS and SAMPLERS[sampler].nfe is None
+
+
+def check_nfe(sampler: str, nfe, what: str = "nfe") -> None:
+    """ValueError unless ``nfe`` fits ``sampler``: None for an adaptive sampler, a budget >= 1 otherwise."""
+    if is_adaptive(sampler):
+        if nfe is not None:
+            raise ValueError(f"sampler {sampler!r} is adaptive: its cost follows its error tolerances (sampler "
+                             f"options: rtol/atol for dopri5, eps_abs/eps_rel for adaptive_sde), not an NFE budget; "
+                             f"set {what} to None (null in a config) instead of {nfe!r}")
+    elif isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
+        raise ValueError(f"sampler {sampler!r} needs an NFE budget: {what} must be a positive integer, got {nfe!r}")
+
+
+def guides(cfg_scale: float, interval=None, adaptive_gamma: float | None = None) -> bool:
+    """Whether these settings evaluate the unconditional model (classifier-free guidance)."""
+    return not (cfg_scale == 1.0 and interval is None and adaptive_gamma is None)
+
+
+def check_guidance(model: ImageDiffusion, cfg_scale: float, interval=None, adaptive_gamma: float | None = None) -> None:
+    """ValueError when guidance is asked of a model without a null class (trained with no label dropout)."""
+    if guides(cfg_scale, interval, adaptive_gamma) and not model.has_null_class:
+        raise ValueError(
+            f"classifier-free guidance (cfg_scale={cfg_scale!r}, interval={interval!r}, "
+            f"adaptive_gamma={adaptive_gamma!r}) needs the unconditional model, but this model was trained with "
+            f"model.class_dropout_prob={model.cfg.class_dropout_prob!r} and has no null class: sample it with "
+            "cfg_scale=1 and no interval / adaptive_gamma, or train with model.class_dropout_prob > 0")
+
+
 def _start_noise(model: ImageDiffusion, shape, grid: Tensor, generator, device) -> Tensor:
     return model.path.prior_sample(shape, t=float(grid[0]), generator=generator, device=device)
 
 
 @torch.no_grad()
-def sample_latents(model: ImageDiffusion, labels: Tensor, *, sampler: str = "euler", nfe: int = 20,
+def sample_latents(model: ImageDiffusion, labels: Tensor, *, sampler: str = "euler", nfe: int | None = 20,
                    cfg_scale: float = 1.0, interval=None, adaptive_gamma: float | None = None,
                    grid_kind: str | None = None, generator: torch.Generator | None = None,
                    **sampler_options) -> tuple[Tensor, dict]:
     """Samples ``(B, C, H, W)`` in the model's space (before ``signal_scale`` is undone) for ``labels``.
 
-    Returns the samples and ``{"nfe": sampler evaluations, "network_evals": network passes over the
-    batch}``.
+    ``nfe``: the budget of a fixed-step sampler; None for an adaptive one (dopri5, adaptive_sde), whose
+    tolerances come in ``sampler_options`` (adaptive_sde runs one sample at a time: it steps each sample
+    on its own). Returns the samples and ``{"nfe": sampler evaluations, "network_evals": network
+    passes over the batch}`` (per-sample means for adaptive_sde).
     """
+    if sampler != "ddpm" and sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose 'ddpm' or one of {sorted(SAMPLERS)}")
+    check_nfe(sampler, nfe)
+    check_guidance(model, cfg_scale, interval, adaptive_gamma)
     device = next(model.parameters()).device
     labels = labels.to(device)
     B = labels.shape[0]
     shape = (B, model.in_channels, *model.input_size)
+    if sampler in PER_SAMPLE_SAMPLERS and B > 1:
+        outs, nfes, evals = [], [], []
+        for i in range(B):
+            out, stats = sample_latents(model, labels[i:i + 1], sampler=sampler, nfe=nfe, cfg_scale=cfg_scale,
+                                        interval=interval, adaptive_gamma=adaptive_gamma, grid_kind=grid_kind,
+                                        generator=generator, **sampler_options)
+            outs.append(out)
+            nfes.append(stats["nfe"])
+            evals.append(stats["network_evals"])
+        # per-sample averages: each sample spent its own number of evaluations
+        return torch.cat(outs), {"nfe": round(sum(nfes) / B), "network_evals": sum(evals) / B}
     if sampler == "ddpm":
+        if sampler_options:
+            raise ValueError(f"sampler 'ddpm' takes no sampler options, got {sorted(sampler_options)}")
         return _sample_ddpm(model, labels, nfe, cfg_scale, interval, adaptive_gamma, generator, shape)
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose 'ddpm' or one of {sorted(SAMPLERS)}")
-    if cfg_scale == 1.0 and interval is None and adaptive_gamma is None:
+    if not guides(cfg_scale, interval, adaptive_gamma):
         guided = None
         def net(x, t):
             return model(x, t, labels)
@@ -138,8 +238,8 @@ def sample_latents(model: ImageDiffusion, labels: Tensor, *, sampler: str = "eul
 
     spec = SAMPLERS[sampler]
     final_zero = lands_on_data(model.path, True)
-    grid = make_grid(grid_kind or spec.default_grid, model.path, steps_for_nfe(sampler, nfe, final_zero=final_zero),
-                     final_zero=final_zero)
+    steps = ADAPTIVE_GRID_STEPS if nfe is None else steps_for_nfe(sampler, nfe, final_zero=final_zero)
+    grid = make_grid(grid_kind or spec.default_grid, model.path, steps, final_zero=final_zero)
     x = _start_noise(model, shape, grid, generator, device)
     out, used = sample(sampler, den, model.path, x, grid, generator=generator, **sampler_options)
     evals = guided.nfe if guided is not None else used
@@ -194,7 +294,7 @@ def to_uint8(x: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def generate(checkpoint_path, n_per_class: int, sampler: str = "euler", nfe: int = 20, cfg_scale: float = 1.0,
+def generate(checkpoint_path, n_per_class: int, sampler: str = "euler", nfe: int | None = 20, cfg_scale: float = 1.0,
              seed: int = 0, *, interval=None, adaptive_gamma: float | None = None, classes=None,
              batch_size: int = 250, device: str | torch.device = "cpu", use_ema: bool = True,
              grid_kind: str | None = None, return_info: bool = False, model=None, **sampler_options):
@@ -204,7 +304,11 @@ def generate(checkpoint_path, n_per_class: int, sampler: str = "euler", nfe: int
     a grid with ``n_per_class`` columns is class ``classes[k]``. Deterministic for a ``seed``
     (batches draw from one generator in order). ``return_info=True`` adds a dict with the sampler
     NFE, network evaluations and the run info. ``model``: an already loaded ``(model, info, codec)``.
+    ``nfe=None`` for the adaptive samplers (dopri5, adaptive_sde; tolerances in ``sampler_options``).
     """
+    if sampler != "ddpm" and sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose 'ddpm' or one of {sorted(SAMPLERS)}")
+    check_nfe(sampler, nfe)
     if isinstance(n_per_class, bool) or not isinstance(n_per_class, int) or n_per_class < 1:
         raise ValueError(f"n_per_class must be a positive integer, got {n_per_class!r}")
     if batch_size < 1:
@@ -255,7 +359,8 @@ def save_grid(images: Tensor, n_rows: int, path: str | Path) -> Path:
 def sampler_table(checkpoint_path, samplers: list[str], nfes: list[int], n_per_class: int, cfg_scale: float,
                   seed: int = 0, out: str | Path | None = None, **kwargs) -> list[dict]:
     """Distance vs NFE: ``image.evaluate.evaluate_samples`` of ``n_per_class`` samples per class for every
-    sampler and NFE budget (same seed, so the same starting noise). Rows go to ``out`` (CSV) if given."""
+    sampler and NFE budget (same seed, so the same starting noise); an adaptive sampler (dopri5,
+    adaptive_sde) runs once, at its tolerances (``nfe_budget`` None). Rows go to ``out`` (CSV) if given."""
     import csv
     import time
 
@@ -264,7 +369,7 @@ def sampler_table(checkpoint_path, samplers: list[str], nfes: list[int], n_per_c
     loaded = load_run(checkpoint_path, kwargs.pop("use_ema", True))
     rows = []
     for name in samplers:
-        for nfe in nfes:
+        for nfe in [None] if is_adaptive(name) else nfes:
             t0 = time.perf_counter()
             images, labels, info = generate(checkpoint_path, n_per_class, name, nfe, cfg_scale, seed, model=loaded,
                                             return_info=True, **kwargs)
@@ -289,11 +394,31 @@ def sampler_table(checkpoint_path, samplers: list[str], nfes: list[int], n_per_c
     return rows
 
 
+def default_nfe(sampler: str, nfe: int | None) -> int | None:
+    """The command lines' ``--nfe``: 20 when left out, except for an adaptive sampler (which takes none)."""
+    return nfe if nfe is not None or is_adaptive(sampler) else 20
+
+
+def parse_options(items: list[str]) -> dict:
+    """``["rtol=1e-3", "w=g2"]`` -> ``{"rtol": 0.001, "w": "g2"}`` (values read as JSON, else kept as text)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--option takes KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
 def main(argv: list[str] | None = None) -> Path:
     p = argparse.ArgumentParser(prog="python -m image.sample", description=__doc__.split("\n\n")[0])
     p.add_argument("--run", required=True, help="run directory, checkpoint or ema_*.safetensors file")
     p.add_argument("--sampler", default="euler", help=f"'ddpm' (DiT) or a core sampler: {sorted(SAMPLERS)}")
-    p.add_argument("--nfe", type=int, default=20)
+    p.add_argument("--nfe", type=int, default=None,
+                   help="NFE budget (default 20); none for the adaptive samplers dopri5 and adaptive_sde")
     p.add_argument("--cfg-scale", type=float, default=3.0)
     p.add_argument("--interval", type=float, nargs=2, default=None, metavar=("T_LO", "T_HI"))
     p.add_argument("--adaptive-gamma", type=float, default=None)
@@ -306,19 +431,24 @@ def main(argv: list[str] | None = None) -> Path:
                    help="comma-separated samplers: evaluate each at every --nfe-list budget (image.evaluate "
                         "metrics of --per-class samples per class) and write a CSV to --out")
     p.add_argument("--nfe-list", default="5,10,20,50")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a keyword option of the core sampler, e.g. rtol=1e-3 (dopri5), eps_rel=0.1 (adaptive_sde)")
     a = p.parse_args(argv)
+    options = parse_options(a.option)
+    a.nfe = default_nfe(a.sampler, a.nfe)
     if a.table:
         run, _ = _run_dir(a.run)
         out = Path(a.out) if a.out else run / "sampler_table.csv"
         sampler_table(a.run, a.table.split(","), [int(n) for n in a.nfe_list.split(",")], a.per_class, a.cfg_scale,
                       a.seed, out, interval=a.interval, adaptive_gamma=a.adaptive_gamma, grid_kind=a.grid_kind,
-                      use_ema=not a.no_ema)
+                      use_ema=not a.no_ema, **options)
         return out
     images, labels, info = generate(a.run, a.per_class, a.sampler, a.nfe, a.cfg_scale, a.seed,
                                     interval=a.interval, adaptive_gamma=a.adaptive_gamma, use_ema=not a.no_ema,
-                                    grid_kind=a.grid_kind, return_info=True)
+                                    grid_kind=a.grid_kind, return_info=True, **options)
     run, _ = _run_dir(a.run)
-    out = Path(a.out) if a.out else run / "samples" / f"sample_{a.sampler}_nfe{a.nfe}_cfg{a.cfg_scale:g}.png"
+    budget = "adaptive" if a.nfe is None else a.nfe
+    out = Path(a.out) if a.out else run / "samples" / f"sample_{a.sampler}_nfe{budget}_cfg{a.cfg_scale:g}.png"
     n_rows = len(labels) // a.per_class
     save_grid(images, n_rows, out)
     print(json.dumps({"grid": str(out), "rows": n_rows, "sampler": a.sampler, "nfe": info["nfe"],

@@ -23,8 +23,9 @@ import dataclasses
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
@@ -86,21 +87,36 @@ class ImageDataConfig:
 @dataclass
 class ImageSamplerConfig:
     sampler: str = "euler"  # a core sampler name (euler measured best at 5-20 NFE), or ddpm (DiT)
-    nfe: int = 20
-    cfg_scale: float = 3.0
+    nfe: int | None = 20  # NFE budget; null for the adaptive samplers (dopri5, adaptive_sde)
+    cfg_scale: float = 3.0  # 1: no guidance (required for a model trained with class_dropout_prob=0)
+    # keyword options of the core sampler, e.g. +sampler.options.rtol=1e-3 for dopri5 or
+    # +sampler.options.eps_rel=0.1 for adaptive_sde (their cost follows these tolerances)
+    options: dict[str, Any] = field(default_factory=dict)
     per_class: int = 8  # columns of the grids written every trainer.sample_every steps
     seed: int = 0
     eval_per_class: int = 100  # samples per class for the final evaluation (0: none)
     eval_batch: int = 250
 
     def validate(self) -> None:
+        import inspect
+
         from core.samplers import SAMPLERS
+
+        from .sample import check_nfe
 
         if self.sampler != "ddpm" and self.sampler not in SAMPLERS:
             raise ValueError(f"sampler.sampler must be 'ddpm' or one of {sorted(SAMPLERS)}, got {self.sampler!r}")
-        if self.nfe < 1 or self.per_class < 1 or self.eval_per_class < 0 or self.eval_batch < 1:
-            raise ValueError(f"sampler.nfe, per_class, eval_batch must be >= 1 and eval_per_class >= 0, got "
-                             f"{self.nfe}, {self.per_class}, {self.eval_batch}, {self.eval_per_class}")
+        check_nfe(self.sampler, self.nfe, what="sampler.nfe")
+        if self.per_class < 1 or self.eval_per_class < 0 or self.eval_batch < 1:
+            raise ValueError(f"sampler.per_class, eval_batch must be >= 1 and eval_per_class >= 0, got "
+                             f"{self.per_class}, {self.eval_batch}, {self.eval_per_class}")
+        if self.options:
+            params = {} if self.sampler == "ddpm" else inspect.signature(SAMPLERS[self.sampler].fn).parameters
+            allowed = sorted(n for n, q in params.items() if q.kind == q.KEYWORD_ONLY and n not in ("generator", "callback"))
+            unknown = sorted(set(self.options) - set(allowed))
+            if unknown:
+                raise ValueError(f"sampler.options {unknown} are not options of sampler {self.sampler!r} "
+                                 f"(it takes {allowed or 'none'})")
         if not self.cfg_scale >= 0:
             raise ValueError(f"sampler.cfg_scale must be >= 0, got {self.cfg_scale!r}")
 
@@ -205,7 +221,8 @@ def make_sample_fn(sampler_cfg: ImageSamplerConfig, info: dict):
             codec = load_codec(info["latent"], device=next(net.parameters()).device)
         images, labels = generate(None, sampler_cfg.per_class, sampler_cfg.sampler, sampler_cfg.nfe,
                                   sampler_cfg.cfg_scale, seed_from(sampler_cfg.seed, step),
-                                  model=(net, info, codec), batch_size=sampler_cfg.eval_batch)
+                                  model=(net, info, codec), batch_size=sampler_cfg.eval_batch,
+                                  **dict(sampler_cfg.options))
         save_grid(images, info["num_classes"], Path(out_dir) / "samples" / f"step_{step:08d}.png")
 
     return sample_fn
@@ -225,7 +242,7 @@ def evaluate_run(out_dir: Path, sampler_cfg: ImageSamplerConfig, info: dict) -> 
     t0 = time.perf_counter()
     images, labels, ginfo = generate(out_dir, sampler_cfg.eval_per_class, sampler_cfg.sampler, sampler_cfg.nfe,
                                      sampler_cfg.cfg_scale, sampler_cfg.seed, batch_size=sampler_cfg.eval_batch,
-                                     return_info=True)
+                                     return_info=True, **dict(sampler_cfg.options))
     seconds = time.perf_counter() - t0
     data = info.get("data") or {}
     metrics = evaluate_samples(images, labels, info["dataset"], root=data.get("root"),
@@ -256,6 +273,12 @@ def train(cfg: DictConfig) -> dict:
         from core.engine.config import ConfigError
 
         raise ConfigError("sampler.sampler=ddpm needs model.kind=dit")
+    if sampler_cfg.cfg_scale != 1.0 and not model_cfg.class_dropout_prob > 0:
+        from core.engine.config import ConfigError
+
+        raise ConfigError(f"sampler.cfg_scale={sampler_cfg.cfg_scale} (classifier-free guidance) needs the null class "
+                          f"that label dropout trains, but model.class_dropout_prob={model_cfg.class_dropout_prob}: "
+                          "set sampler.cfg_scale=1 or model.class_dropout_prob > 0")
     out_dir = Path(ctx.trainer.out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors, info = prepare_data(data_cfg, need_pixels=model_cfg.repa_weight > 0)
@@ -267,8 +290,10 @@ def train(cfg: DictConfig) -> dict:
     info["encoder_dim"] = enc_dim
     model = ImageDiffusion(model_cfg, tuple(info["input_size"]), info["in_channels"], info["num_classes"],
                            encoder_dim=enc_dim)
+    # ema_decays in configured order: load_run picks the first (the trainer's own EMA), not the first by name
     info.update(model=dataclasses.asdict(model_cfg), data=dataclasses.asdict(data_cfg),
-                parameters=sum(p.numel() for p in model.net.parameters()))
+                parameters=sum(p.numel() for p in model.net.parameters()),
+                ema_decays=[float(d) for d in ctx.trainer.ema_decays])
     trainer = Trainer(model, make_loss(model_cfg, encoder), torch.utils.data.TensorDataset(*tensors), ctx.trainer,
                       sample_fn=make_sample_fn(sampler_cfg, info), run_config=ctx.snapshot())
     trainer.resume()  # a refused resume (another model's checkpoint) stops before run.json is rewritten

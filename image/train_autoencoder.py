@@ -70,7 +70,10 @@ def train_autoencoder(cfg: DictConfig) -> dict:
             mse = float((rec.clamp(-1, 1) - test).pow(2).mean())
         meta = {"ae": dataclasses.asdict(ae_cfg), "image_channels": C, "image_size": list(size),
                 "latent_shape": list(means.shape[1:]), "scale": scale, "encoder_dim": enc_dim,
-                "test_mse": mse, "dataset": data_cfg.name, "data": dataclasses.asdict(data_cfg)}
+                "test_mse": mse, "dataset": data_cfg.name, "data": dataclasses.asdict(data_cfg),
+                # configured order: the scale and test_mse above are those of the first decay's EMA,
+                # which is what load_codec loads
+                "ema_decays": [float(d) for d in ctx.trainer.ema_decays]}
         atomic_write(out_dir / "codec.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
         # the exported EMA weights are what load_codec reads: check that they round-trip
         codec = polydiff_codec(out_dir)

@@ -204,3 +204,46 @@ def test_folder_bad_layouts(tmp_path):
         load_images("folder", root=str(root), on_error="skip")
     with pytest.raises(ValueError, match="needs root"):
         load_images("folder")
+
+
+def test_folder_scales_16_bit_and_float_images_to_8_bits(tmp_path):
+    from PIL import Image
+
+    ramp16 = np.tile(np.linspace(0, 65535, 8).astype(np.uint16), (8, 1))
+    _png(tmp_path / "r" / "a" / "x16.png", ramp16)  # PIL reads it back as mode I;16
+    assert Image.open(tmp_path / "r" / "a" / "x16.png").mode == "I;16"
+    _png(tmp_path / "r" / "b" / "x8.png", np.rint(ramp16 / 257).astype(np.uint8))
+    s = load_images("folder", root=str(tmp_path / "r"))
+    assert s.images.shape == (2, 1, 8, 8)
+    assert torch.equal(s.images[0], s.images[1])  # scaled by 1/257 and rounded, not clipped at 255
+    from image.data import _to_8bit
+
+    ramp = np.linspace(0, 1, 8, dtype=np.float32)[None]
+    want = np.rint(np.linspace(0, 255, 8))
+    assert (np.asarray(_to_8bit(Image.fromarray(ramp, "F"))) == want).all()  # [0, 1]
+    assert (np.asarray(_to_8bit(Image.fromarray(ramp * 255, "F"))) == want).all()  # [0, 255]
+    wide = np.int32(ramp16[:1])
+    assert (np.asarray(_to_8bit(Image.fromarray(wide, "I"))) == want).all()  # I holding 16-bit samples
+    with pytest.raises(ValueError, match=r"values in \[0, 300\]"):
+        _to_8bit(Image.fromarray(ramp * 300, "F"))
+    # through the folder loader an ambiguous file is named like an unreadable one
+    Image.fromarray(np.full((8, 8), 1000.0, dtype=np.float32), "F").save(tmp_path / "r" / "b" / "f.tiff")
+    (tmp_path / "r" / "b" / "f.tiff").rename(tmp_path / "r" / "b" / "f.png")  # PIL reads by content
+    with pytest.raises(ValueError, match="f.png.*mode F"):
+        load_images("folder", root=str(tmp_path / "r"))
+
+
+@pytest.mark.parametrize("mode", ["LA", "RGBA"])
+def test_folder_composites_transparency_on_white_for_gray_and_colour(tmp_path, mode):
+    a = np.zeros((4, 4, len(mode)), dtype=np.uint8)
+    a[1:3, 1:3] = 100
+    a[1:3, 1:3, -1] = 255  # an opaque gray square on a transparent (black) background
+    for other, arr in (("gray", np.full((4, 4), 50, np.uint8)), ("rgb", np.full((4, 4, 3), 50, np.uint8))):
+        root = tmp_path / mode / other
+        _png(root / "a" / "t.png", a)
+        _png(root / "b" / "o.png", arr)
+        for channels in (None, 1, 3):
+            s = load_images("folder", root=str(root), channels=channels)
+            img = s.images[0].float()
+            assert (img[:, 0] == 255).all() and (img[:, 1, 0] == 255).all(), (other, channels)  # white background
+            assert (img[:, 1:3, 1:3] == 100).all(), (other, channels)

@@ -408,6 +408,48 @@ def test_sampler_table_rows(tmp_path, monkeypatch):
         assert len(list(csv.DictReader(f))) == 4
 
 
+def test_guidance_of_a_model_without_a_null_class_is_refused(tmp_path):
+    # class_dropout_prob=0: the label table has no null row, so guided sampling cannot run
+    from image.sample import generate, load_run, sample_latents
+
+    d, _ = _run(tmp_path, small(class_dropout_prob=0.0))
+    model, _, _ = load_run(d)
+    y = torch.tensor([0, 1])
+    for kw in ({"cfg_scale": 3.0}, {"interval": (0.2, 0.8)}, {"adaptive_gamma": 0.99}):
+        with pytest.raises(ValueError, match="class_dropout_prob=0.0 and has no null class"):
+            sample_latents(model, y, sampler="euler", nfe=3, **kw)
+    with pytest.raises(ValueError, match=r"cfg_scale=2\.0.*class_dropout_prob=0\.0"):
+        generate(d, 1, "euler", 3, 2.0)
+    imgs, _ = generate(d, 1, "euler", 3, 1.0)  # unguided sampling still works
+    assert imgs.shape == (K, C, S, S)
+    dit, _ = _run(tmp_path, small(kind="dit", class_dropout_prob=0.0), "dit")
+    with pytest.raises(ValueError, match="no null class"):
+        generate(dit, 1, "ddpm", 3, 2.0)
+
+
+def test_adaptive_samplers_take_tolerances_instead_of_a_budget(tmp_path):
+    from image.sample import generate, load_run, sample_latents
+
+    d, _ = _run(tmp_path, small(class_dropout_prob=0.1))
+    model, _, _ = load_run(d)
+    y = torch.tensor([0, 1, 2])
+    for name in ("dopri5", "adaptive_sde"):
+        with pytest.raises(ValueError, match=f"{name}.*adaptive.*nfe"):
+            sample_latents(model, y, sampler=name, nfe=20)
+    loose, s_loose = sample_latents(model, y, sampler="dopri5", nfe=None, cfg_scale=2.0, rtol=1e-1, atol=1e-1,
+                                    generator=replay(0))
+    tight, s_tight = sample_latents(model, y, sampler="dopri5", nfe=None, cfg_scale=2.0, rtol=1e-4, atol=1e-4,
+                                    generator=replay(0))
+    assert loose.shape == (3, C, S, S) and torch.isfinite(loose).all()
+    assert s_loose["nfe"] < s_tight["nfe"] and s_tight["network_evals"] == 2 * s_tight["nfe"]  # options reach it
+    # adaptive_sde steps every sample on its own: each keeps its own label (and guidance state)
+    out, stats = sample_latents(model, y, sampler="adaptive_sde", nfe=None, cfg_scale=2.0, adaptive_gamma=0.999,
+                                eps_rel=0.2, eps_abs=0.2, generator=replay(1))
+    assert out.shape == (3, C, S, S) and torch.isfinite(out).all() and stats["nfe"] > 0
+    imgs, labels, info = generate(d, 1, "adaptive_sde", None, 2.0, return_info=True, eps_rel=0.2, eps_abs=0.2)
+    assert imgs.shape == (K, C, S, S) and info["nfe"] > 0
+
+
 def test_save_grid_layout(tmp_path):
     from PIL import Image
 

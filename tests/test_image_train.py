@@ -255,3 +255,108 @@ def test_limit_keeps_folder_files_aligned_with_images(tmp_path):
     assert len(cut) == 4 and cut.files == full.files[:4] and torch.equal(cut.images, full.images[:4])
     assert cut.files[3].endswith("b/0.png") and int(cut.images[3].max()) == 220  # file i is image i
     assert load_training_images(ImageDataConfig(name="digits", limit=5)).files == []
+
+
+# ------------------------------------------------------------------ EMA choice, latent scale, sampler settings
+
+
+def _equal_weights(model, sd):
+    own = model.state_dict()
+    return all(torch.equal(own[k], v) for k, v in sd.items() if k in own)
+
+
+def test_runs_load_the_first_configured_ema_decay_not_the_first_by_name(tmp_path):
+    # ema_decays=[0.9, 0.5]: the trainer's own EMA (its sample grids) is 0.9, while "ema_0.5" sorts first
+    from safetensors.torch import load_file
+
+    from core.engine.checkpoint import load_checkpoint
+    from image.sample import load_run
+
+    out = tmp_path / "two"
+    run(out, "trainer.ema_decays=[0.9,0.5]", "trainer.ema_warmup=false")  # warm-up would make them equal
+    info = json.loads((out / "run.json").read_text())
+    assert info["ema_decays"] == [0.9, 0.5]
+    first, second = (load_file(str(out / f"ema_{d}.safetensors")) for d in ("0.9", "0.5"))
+    assert not all(torch.equal(first[k], second[k]) for k in first)  # the two EMAs differ
+    assert _equal_weights(load_run(out)[0], first)
+    ckpt = out / "checkpoints" / "ckpt_00000006.pt"
+    assert _equal_weights(load_run(ckpt)[0], load_checkpoint(ckpt)["ema"]["shadows"]["0.9"])
+    # a run.json from before the decays were recorded: the checkpoint's shadow order decides
+    del info["ema_decays"]
+    (out / "run.json").write_text(json.dumps(info))
+    assert _equal_weights(load_run(out)[0], first)
+
+
+@pytest.fixture(scope="module")
+def ae_two_emas(tmp_path_factory):
+    from image.train_autoencoder import train_autoencoder
+
+    ae = tmp_path_factory.mktemp("ae2")
+    train_autoencoder(compose("autoencoder", "data=digits", "ae.channels=8", "ae.latent_channels=2", "trainer=smoke",
+                              "trainer.progress=false", "trainer.ema_decays=[0.9,0.5]", "trainer.ema_warmup=false",
+                              f"trainer.out_dir={ae}"))
+    return ae
+
+
+def test_autoencoder_codec_loads_the_ema_its_scale_was_measured_on(ae_two_emas):
+    from image.autoencoder import load_codec
+    from image.data import load_images, to_model_range
+
+    meta = json.loads((ae_two_emas / "codec.json").read_text())
+    assert meta["ema_decays"] == [0.9, 0.5]
+    codec = load_codec({"kind": "polydiff", "path": str(ae_two_emas)})
+    pixels = to_model_range(load_images("digits", "train").images)
+    # codec.json's scale is 1 / std of the training posterior means under the first EMA (0.9)
+    assert float(codec.encode(pixels).std()) == pytest.approx(1.0, rel=1e-4)
+
+
+def test_latent_scale_overrides_the_polydiff_codec_scale(ae_two_emas):
+    from image.autoencoder import load_codec
+    from image.train import ImageDataConfig, prepare_data
+
+    recorded = json.loads((ae_two_emas / "codec.json").read_text())["scale"]
+    assert load_codec({"kind": "polydiff", "path": str(ae_two_emas), "scale": None}).scale == recorded
+    assert load_codec({"kind": "polydiff", "path": str(ae_two_emas), "scale": 0.25}).scale == 0.25
+    stds = {}
+    for scale in (None, 0.25):
+        cfg = ImageDataConfig(name="digits", latent=str(ae_two_emas), latent_scale=scale)
+        cfg.validate()
+        (x, _), info = prepare_data(cfg)
+        assert info["latent"]["scale"] == (recorded if scale is None else 0.25)
+        stds[scale] = float(x.std())
+    assert stds[0.25] == pytest.approx(stds[None] * 0.25 / recorded, rel=1e-4)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (("model.class_dropout_prob=0", "sampler.cfg_scale=3"), "sampler.cfg_scale=3.0.*model.class_dropout_prob=0"),
+    (("sampler.sampler=dopri5",), "dopri5.*adaptive.*sampler.nfe"),
+    (("sampler.sampler=euler", "sampler.nfe=null"), "sampler.nfe must be a positive integer"),
+    (("sampler.sampler=dopri5", "sampler.nfe=null", "+sampler.options.eps_rel=0.1"), "eps_rel.*rtol"),
+])
+def test_sampler_settings_the_model_cannot_run_fail_at_start(tmp_path, overrides, match):
+    from core.engine.config import ConfigError
+
+    with pytest.raises((ConfigError, ValueError), match=match):
+        run(tmp_path / "bad", *overrides)
+    assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+def test_unguided_run_without_label_dropout_trains_and_samples(tmp_path):
+    from image.sample import generate
+
+    out = tmp_path / "nodrop"
+    run(out, "model.class_dropout_prob=0", "sampler.cfg_scale=1")
+    assert (out / "samples" / "step_00000006.png").is_file()
+    with pytest.raises(ValueError, match="cfg_scale=2.0.*class_dropout_prob=0.0"):
+        generate(out, 1, "euler", 3, 2.0)
+
+
+@pytest.mark.parametrize("sampler, option", [("dopri5", "rtol=0.01"), ("adaptive_sde", "eps_rel=0.5")])
+def test_adaptive_samplers_write_training_grids(tmp_path, sampler, option):
+    from image.sample import main as sample_main
+
+    out = tmp_path / sampler
+    run(out, f"sampler.sampler={sampler}", "sampler.nfe=null", f"+sampler.options.{option}", "sampler.per_class=1")
+    assert (out / "samples" / "step_00000006.png").is_file()
+    png = sample_main(["--run", str(out), "--sampler", sampler, "--option", option, "--per-class", "1"])
+    assert png.name == f"sample_{sampler}_nfeadaptive_cfg3.png" and png.is_file()
