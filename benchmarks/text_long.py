@@ -60,6 +60,7 @@ def pick(steps: list[int], k: int) -> list[int]:
 def train(a: argparse.Namespace, models: list[str], out: Path) -> dict:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "1"}
     procs = {}
+    start = {k: max(steps_of(out / k), default=0) for k in models}  # a --resume continues from these
     t0 = time.time()
     for k in models:
         with open(out / f"{k}.log", "w") as log:  # the child keeps its own descriptor
@@ -91,7 +92,17 @@ def train(a: argparse.Namespace, models: list[str], out: Path) -> dict:
             print(f"{k} failed (exit {v['returncode']}); its log:\n" + (out / f"{k}.log").read_text()[-4000:], flush=True)
         steps = v["checkpoints"]
         v["seconds"] = ended.get(k, wall)
-        v["steps_per_s"] = steps[-1] / v["seconds"] if steps else 0.0  # to the newest checkpoint
+        # the rate up to the newest checkpoint, over the time it was written at (not the clock's stop: a
+        # run stopped by the clock trained up to --ckpt-every steps more that no checkpoint shows); the
+        # process start-up is counted, and a --resume's earlier steps are not
+        v["start_step"] = start[k]
+        if steps and steps[-1] > start[k]:
+            from core.engine.checkpoint import checkpoint_path
+
+            written = checkpoint_path(out / k / "checkpoints", steps[-1]).stat().st_mtime - t0
+            v["steps_per_s"] = (steps[-1] - start[k]) / max(written, 1e-9)
+        else:
+            v["steps_per_s"] = 0.0
     print(f"trained {wall:.0f}s: " + ", ".join(f"{k} to step {max(v['checkpoints'], default=0)}" for k, v in info.items()),
           flush=True)
     return {"wall_s": wall, "runs": info}
@@ -99,20 +110,29 @@ def train(a: argparse.Namespace, models: list[str], out: Path) -> dict:
 
 def evaluate(a: argparse.Namespace, models: list[str], out: Path, steps: list[int]) -> dict:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(a.eval_threads)}
-    pending = list(steps)
+    # The last step's evaluation also times the samplers (--speed-steps): it runs alone, after the
+    # others, so that no other evaluation shares the device while it times cached against uncached.
+    timed = steps[-1] if steps and a.speed_steps else None
+    pending = [s for s in steps if s != timed]
     running: dict[int, subprocess.Popen] = {}
     results = {}
-    while pending or running:
+
+    def launch(s: int) -> None:
+        cmd = [sys.executable, "-m", "text.evaluate", "--step", str(s), "--device", a.eval_device,
+               "--val-chunks", str(a.val_chunks), "--bound-samples", str(a.bound_samples),
+               "--num-samples", str(a.num_samples), "--steps", str(a.sample_steps),
+               "--speed-steps", a.speed_steps if s == timed else "", "--out", str(out / f"eval_{s}.json")]
+        for k in models:
+            cmd += [f"--{k}", str(out / k)]
+        with open(out / f"eval_{s}.log", "w") as log:
+            running[s] = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    while pending or running or timed is not None:
+        if not pending and not running and timed is not None:
+            launch(timed)
+            timed = None
         while pending and len(running) < a.eval_parallel:
-            s = pending.pop()
-            cmd = [sys.executable, "-m", "text.evaluate", "--step", str(s), "--device", a.eval_device,
-                   "--val-chunks", str(a.val_chunks), "--bound-samples", str(a.bound_samples),
-                   "--num-samples", str(a.num_samples), "--steps", str(a.sample_steps),
-                   "--speed-steps", a.speed_steps if s == steps[-1] else "", "--out", str(out / f"eval_{s}.json")]
-            for k in models:
-                cmd += [f"--{k}", str(out / k)]
-            with open(out / f"eval_{s}.log", "w") as log:
-                running[s] = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+            launch(pending.pop())
         for s, p in list(running.items()):
             if p.poll() is not None:
                 del running[s]

@@ -69,4 +69,41 @@ def test_runs_evaluates_common_steps_and_packs(tmp_path, capsys):
                   "6", "--evals", "4", "--eval-parallel", "2", *TINY, "--model-override", "ar:model.dropout=0.1",
                   "--resume"])
     assert {k: v["checkpoints"] for k, v in again["train"]["runs"].items()} == {"radd": [6, 12], "ar": [6, 12]}
+    # the rate counts the steps this call trained, to when the newest checkpoint was written
+    assert all(v["start_step"] == 0 and v["steps_per_s"] > 0 for v in runs.values())
+    assert all(v["start_step"] == 12 and v["steps_per_s"] == 0.0 for v in again["train"]["runs"].values())
     assert again["evals"][12]["radd"]["nll_bound"] == s["evals"][12]["radd"]["nll_bound"]
+
+
+def test_the_speed_timing_evaluation_runs_alone_after_the_others(tmp_path, monkeypatch):
+    """The last step's evaluation times cached against uncached sampling: no other evaluation may share
+    the device meanwhile (it started first, beside eval_parallel - 1 others)."""
+    import argparse
+
+    import benchmarks.text_long as tl
+
+    launched, live = [], set()
+
+    class FakeEval:  # finishes at its second poll, writing the JSON text.evaluate would write
+        def __init__(self, cmd, **kw):
+            self.polls, self.returncode = 0, None
+            step, speed = int(cmd[cmd.index("--step") + 1]), cmd[cmd.index("--speed-steps") + 1]
+            launched.append((step, speed, len(live)))
+            live.add(self)
+            (tmp_path / f"eval_{step}.json").write_text(json.dumps({"step": step}))
+
+        def poll(self):
+            self.polls += 1
+            if self.polls >= 2:
+                self.returncode = 0
+                live.discard(self)
+            return self.returncode
+
+    monkeypatch.setattr(tl.subprocess, "Popen", FakeEval)
+    monkeypatch.setattr(tl.time, "sleep", lambda s: None)
+    a = argparse.Namespace(eval_threads=1, eval_device="cpu", val_chunks=1, bound_samples=1, num_samples=1,
+                           sample_steps=2, speed_steps="32,1024", eval_parallel=3)
+    res = tl.evaluate(a, ["radd", "ar"], tmp_path, [2, 4, 6, 8])
+    assert sorted(res) == [2, 4, 6, 8]
+    assert [x for x in launched if x[1]] == [(8, "32,1024", 0)] and launched[-1][0] == 8
+    assert max(n for _, _, n in launched) == 2  # the others still ran eval_parallel at a time
