@@ -20,7 +20,6 @@ unconditional draws, and this shows what it does to conditionals.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 import warnings
 
@@ -69,7 +68,7 @@ def main(argv=None) -> int:
     from tabular.baseline import GaussianCopula
     from tabular.metrics import column_shapes
 
-    from .tabular_common import load_data_and_model
+    from .tabular_common import load_data_and_model, write_result
 
     train, test, _, m = load_data_and_model(p, args.data, args.model, args.threads)
     result = {"model": args.model, "data": args.data, "rows": len(train), "seeds": args.seeds}
@@ -124,9 +123,7 @@ def main(argv=None) -> int:
         print(f"given {cond} ({len(real)} training rows): KS / TV against them, uncalibrated "
               f"{fmt(row['uncalibrated']['ks'], 0)} / {fmt(row['uncalibrated']['tv'], 0)}, calibrated "
               f"{fmt(row['calibrated']['ks'], 0)} / {fmt(row['calibrated']['tv'], 0)}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    write_result(args.out, result)
     return 0
 
 

@@ -24,3 +24,14 @@ def load_data_and_model(p: argparse.ArgumentParser, data: str, model: str, threa
         p.error(f"{label}the model's columns {absent} are not in --data {data!r}; name the model's data set")
     m.fit_config.progress = False
     return train, test, spec, m
+
+
+def write_result(path: str | None, result: dict) -> None:
+    """``result`` as indented JSON at ``path`` (nothing when None), written atomically: an interrupted
+    benchmark leaves the previous results file whole."""
+    if path:
+        import json
+
+        from core.engine.checkpoint import atomic_write
+
+        atomic_write(path, lambda f: f.write(json.dumps(result, indent=1).encode()))

@@ -31,7 +31,6 @@ Prints a table and the ratios of CDTD to the copula; ``--out`` writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 import warnings
 
@@ -144,7 +143,7 @@ def main(argv=None) -> int:
         p.error(f"--rate must be in (0, 1), got {args.rate}")
     from tabular.baseline import GaussianCopula
 
-    from .tabular_common import load_data_and_model
+    from .tabular_common import load_data_and_model, write_result
 
     train, test, _, m = load_data_and_model(p, args.data, args.model, args.threads)
     names = m.schema.names
@@ -189,9 +188,7 @@ def main(argv=None) -> int:
         print(f"{name:18s} " + " ".join(fmt(r[k], 12) for k in keys) + f" {result['seconds'][name]:8.1f}")
     print("higher is better for acc / acc_vote, lower for the rest; mean_mode is a point imputer "
           "(its nrmse is the best guess that ignores the row; its tv / ks show it is not a distribution)")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    write_result(args.out, result)
     return 0
 
 

@@ -15,7 +15,6 @@ aggregate metric, with the train-on-real figures. ``--out`` writes every seed's 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 import warnings
 from pathlib import Path
@@ -62,7 +61,7 @@ def main(argv=None) -> int:
     from tabular.baseline import GaussianCopula
     from tabular.metrics import evaluate, ml_efficiency
 
-    from .tabular_common import load_data_and_model
+    from .tabular_common import load_data_and_model, write_result
 
     models = {}
     for item in args.model:
@@ -99,9 +98,7 @@ def main(argv=None) -> int:
         s = r["summary"]
         print(f"{name:18s}" + "".join(f"{s[m]['mean']:>10.4f} +-{s[m]['sd']:.4f}" if m in s else f"{'--':>18s}"
                                       for m in METRICS))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    write_result(args.out, result)
     return 0
 
 
