@@ -497,6 +497,8 @@ class CDTD(nn.Module):
         """
         B = x_num.shape[0]
         dev = x_num.device
+        if num_observed is not None:  # a placeholder may be NaN: neither the network nor the loss sees it
+            x_num = torch.where(num_observed, x_num, torch.zeros((), dtype=x_num.dtype, device=dev))
         u = uniform_time(_UNIT, B, generator=generator, device=dev, stratified=True)  # low-discrepancy (VDM)
         sigma = self.timewarp.sigma(u).float()  # (B, F)
         u = u.float()
@@ -515,7 +517,7 @@ class CDTD(nn.Module):
               if logits else x_num.new_zeros(B, 0))
         mse = (d_num - x_num) ** 2
         if num_observed is not None:
-            mse = mse * num_observed.to(mse.dtype)
+            mse = torch.where(num_observed, mse, torch.zeros((), dtype=mse.dtype, device=dev))
         s_num = sigma[:, self.n_cat:]
         sd = self.cfg.sigma_data
         w_num = (s_num**2 + sd**2) / ((s_num * sd) ** 2 + 1e-7)  # EDM's lambda(sigma)
@@ -696,6 +698,11 @@ class CDTD(nn.Module):
         if grid is None:
             grid = steps
         if known_mask is not None and bool(known_mask.any()):
+            # a feature type the model lacks needs no known values: an omitted empty argument is fine
+            known_cat = torch.zeros(n, 0, dtype=torch.long) if known_cat is None and not self.n_cat else known_cat
+            known_num = torch.zeros(n, 0) if known_num is None and not self.n_num else known_num
+            if known_cat is None or known_num is None:
+                raise ValueError("known_mask marks known features: give known_num (n, n_num) and known_cat (n, n_cat)")
             x0_cat = self.cat_emb(known_cat.to(dev)).flatten(1) if self.n_cat else torch.zeros(n, 0, device=dev)
             x0 = torch.cat([known_num.to(dev).float(), x0_cat], 1)
             eps = torch.randn(n, P, generator=generator, device=dev)

@@ -695,3 +695,29 @@ def test_ema_decay_0_keeps_the_last_weights():
     a, b = (dict(fits[d].model.state_dict()) for d in (0.0, 0.9))
     assert any(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())
     assert fits[0.0].sample(50, seed=0).notna().all().all()
+
+
+def test_loss_ignores_a_nan_placeholder_and_empty_known_arguments_may_be_left_out():
+    """A missing number's placeholder is not counted: NaN there gave a NaN loss (NaN * 0), 0 and 5 the
+    same finite loss. And a model without categories (or numbers) samples conditionally without the
+    empty known_cat (known_num) argument (it crashed on None)."""
+    m = CDTD(2, [3], CDTDConfig(**SMALL_NET))
+    x_num, x_cat = torch.randn(8, 2), torch.randint(0, 3, (8, 1))
+    observed = torch.ones(8, 2, dtype=torch.bool)
+    observed[::2, 1] = False
+    losses = []
+    for fill in (float("nan"), 0.0, 5.0):
+        xn = x_num.clone()
+        xn[~observed] = fill
+        losses.append(m.loss(xn, x_cat, observed, generator=torch.Generator().manual_seed(0))[0])
+    assert torch.isfinite(losses[0]) and losses[0] == losses[1] == losses[2]
+    m_num = CDTD(2, [], CDTDConfig(**SMALL_NET)).eval()
+    km = torch.zeros(4, 2, dtype=torch.bool)
+    km[:, 0] = True
+    xn, _ = m_num.sample_encoded(4, steps=3, known_mask=km, known_num=torch.full((4, 2), 0.7))
+    assert torch.equal(xn[:, 0], torch.full((4,), 0.7))
+    m_cat = CDTD(0, [3, 2], CDTDConfig(**SMALL_NET)).eval()
+    _, xc = m_cat.sample_encoded(4, steps=3, known_mask=km, known_cat=torch.tensor([[2, 1]] * 4))
+    assert torch.equal(xc[:, 0], torch.full((4,), 2))
+    with pytest.raises(ValueError, match="give known_num"):
+        m.sample_encoded(4, steps=3, known_mask=torch.ones(4, 3, dtype=torch.bool), known_num=torch.zeros(4, 2))
