@@ -693,3 +693,20 @@ def test_bad_input_raises_value_error():
         with pytest.raises(ValueError) as info:
             fn()
         assert text in str(info.value), (text, str(info.value))
+
+
+def test_uniform_staggered_score_survives_a_large_step_in_float32():
+    """exp(-dsigma Q) s has rows summing to 1: a constant score stays constant for any dsigma. Written as
+    s e^dsigma + (1 - e^dsigma) sum(s) / V the two terms cancelled to 0 in float32 past dsigma ~ 17 (the
+    first step of Geometric(1e-4, 20) sampled in few steps), and the analytic sampler then put every
+    token on id 0. Checked against the float64 matrix exponential."""
+    V = 4
+    g = Uniform(V)
+    Q = torch.full((V, V), 1.0 / V, dtype=torch.float64) - torch.eye(V, dtype=torch.float64)  # rate matrix
+    score = torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.9, 1.1, 1.0, 1.0]])
+    for dsigma in (0.5, 18.0, 20.0):
+        exact = score.double() @ torch.linalg.matrix_exp(-dsigma * Q).T
+        out = g.staggered_score(score, torch.tensor(dsigma))
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out.double(), exact, rtol=1e-4, atol=1e-4 * float(exact.abs().max()))
+    torch.testing.assert_close(g.staggered_score(score[:1], torch.tensor(18.0)), torch.ones(1, V))

@@ -290,9 +290,11 @@ class Uniform(Graph):
     def staggered_score(self, score, dsigma):
         dsigma = _per_token(dsigma, score[..., 0], "dsigma")
         grow = _coef(torch.exp(dsigma), score.dtype)
-        # exp(-dsigma Q) = e^dsigma I + (1 - e^dsigma) 1 1^T / V
-        mix = _coef(-torch.expm1(dsigma) / self.dim, score.dtype)
-        return score * grow + mix * score.sum(-1, keepdim=True)
+        # exp(-dsigma Q) = e^dsigma I + (1 - e^dsigma) 1 1^T / V, i.e. mean + e^dsigma (score - mean):
+        # written so, not as score e^dsigma + (1 - e^dsigma) sum / V, whose two terms cancel to 0 in
+        # float32 once e^dsigma passes 2^24 (dsigma > ~17, the first step of Geometric(1e-4, 20))
+        mean = score.mean(-1, keepdim=True)
+        return mean + grow * (score - mean)
 
     def sample_limit(self, *batch_dims, generator=None, device=None):
         return torch.randint(0, self.dim, batch_dims, generator=generator, device=device)
