@@ -554,10 +554,11 @@ def mols_to_nx(mols: Iterable[Chem.Mol]) -> list:
 
 
 def write_smiles(path: str | Path, smiles: Iterable[str | None]) -> Path:
-    """One SMILES a line (failed samples, ``None``, are left out)."""
+    """One ``SMILES sample_<i>`` a line, ``i`` the sample's index (as the names in :func:`write_sdf`'s
+    SDF); failed samples (``None``) are left out, so the names keep lines and samples paired."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(f"{s}\n" for s in smiles if s))
+    path.write_text("".join(f"{s} sample_{i}\n" for i, s in enumerate(smiles) if s))
     return path
 
 

@@ -9,9 +9,9 @@
 ``--run``: reads ``<run>/run.json`` (the run's model, data and sampler settings) and the newest checkpoint
 under ``<run>/checkpoints/`` (or ``--ckpt``), regenerates the data set from its seed, samples with the GDSS
 solver and writes ``<run>/<tag>/``: ``metrics.json`` (MMDs against the test split for generic graphs,
-the molecule metrics for molecules), ``samples.png``, ``test.png`` and ``samples.pt`` (and ``samples.g6``, graph6,
-for generic graphs); molecule data also
-get ``smiles.txt``, ``molecules.sdf`` and ``grid.png``.
+the molecule metrics for molecules) and ``samples.pt``; generic graphs also get ``samples.png``, ``test.png``
+and ``samples.g6`` (graph6), molecule data ``smiles.txt`` (``SMILES sample_<i>`` a line), ``molecules.sdf`` and
+``grid.png``.
 
 ``--official CKPT --data NAME``: a checkpoint as the official GDSS code saves it
 (``checkpoints/<data>/gdss_<data>.pth``, read ``weights_only`` by :func:`graph.official.load_official`:

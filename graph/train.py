@@ -14,8 +14,9 @@ The engine trains one module, :class:`GDSSModel`, holding ``ScoreNetworkX`` and 
 loss is the sum of GDSS's two losses (:func:`graph.gdss.gdss_loss`). At the end of a finished run the
 model (``sampler.use_ema``: raw weights as GDSS's community-small sampler, or the EMA) generates graphs
 with the GDSS solver, and ``<out_dir>/eval/`` gets ``metrics.json`` (MMDs against the test split),
-``samples.png`` / ``test.png`` (drawings), ``samples.pt`` (the dense samples) and, for generic graphs,
-``samples.g6`` (graph6, one graph a line; :func:`graph.data.read_graphs` or ``networkx.read_graph6`` read it).
+``samples.pt`` (the dense samples) and, for generic graphs, ``samples.png`` / ``test.png`` (drawings) and
+``samples.g6`` (graph6, one graph a line; :func:`graph.data.read_graphs` or ``networkx.read_graph6`` read it);
+molecules get ``smiles.txt``, ``molecules.sdf`` and ``grid.png`` instead of the drawings.
 
 Data sets (:data:`DATASETS`): the generic ones of :mod:`graph.data`; ``qm9``, ``moses`` and ``file``
 are read through the molecule module's interface, imported only for them:
@@ -440,6 +441,9 @@ def train(cfg: DictConfig) -> dict:
     model_cfg: GraphModelConfig = ctx.groups["model"]
     data_cfg: GraphDataConfig = ctx.groups["data"]
     sampler: GraphSamplerConfig = ctx.groups["sampler"]
+    if sampler.use_ema and not ctx.trainer.ema_decays:  # checked before training, not ignored after it
+        raise ConfigError("sampler.use_ema=true but trainer.ema_decays is empty: the run keeps no EMA to sample "
+                          "with; set trainer.ema_decays or sampler.use_ema=false")
     data = load_data(data_cfg)
     # the sizes used (a null max_node_num / max_feat_num is the data's own), as run.json records them
     data_cfg = dataclasses.replace(data_cfg, max_node_num=data.adj.shape[-1], max_feat_num=data.x.shape[-1])

@@ -255,7 +255,7 @@ def test_evaluate_molecules_on_training_copies(qm9, tmp_path, monkeypatch):
     assert len(embedded) == 1  # only the generated set is embedded; the test set's mean is read back
     assert again["nspdk_mmd"] == m["nspdk_mmd"]
     # outputs: SMILES, an SDF that RDKit reads back, a PNG grid
-    assert len((tmp_path / "smiles.txt").read_text().split()) == 80
+    assert len((tmp_path / "smiles.txt").read_text().splitlines()) == 80
     assert sum(1 for mol in Chem.SDMolSupplier(str(tmp_path / "molecules.sdf")) if mol is not None) == 80
     from PIL import Image
 
@@ -268,7 +268,8 @@ def test_outputs_skip_failed(tmp_path):
     write_smiles(tmp_path / "s.txt", ["CCO", None, "c1ccncc1"])
     write_sdf(tmp_path / "m.sdf", mols)
     draw_grid(tmp_path / "g.png", mols, per_row=2, size=100)
-    assert (tmp_path / "s.txt").read_text() == "CCO\nc1ccncc1\n"
+    assert (tmp_path / "s.txt").read_text() == "CCO sample_0\nc1ccncc1 sample_2\n"  # named as in the SDF
+    assert read_smiles_file(tmp_path / "s.txt") == (["CCO", "c1ccncc1"], [])  # and read back as SMILES
     back = [Chem.MolToSmiles(m) for m in Chem.SDMolSupplier(str(tmp_path / "m.sdf"))]
     assert back == ["CCO", "c1ccncc1"]
     with pytest.raises(ValueError):

@@ -306,7 +306,8 @@ def test_qm9_architecture_writes_molecules(ref, tmp_path, monkeypatch):
     assert torch.equal(saved["x"], x) and torch.equal(saved["adj"], adj) and torch.equal(saved["flags"], flags)
     assert metrics["data"] == "file" and metrics["n_samples"] == 6 and 0 <= metrics["validity"] <= 1
     smiles = decode_molecules(x, adj, flags, ["C", "N", "O", "F"])["smiles"]
-    assert (folder / "smiles.txt").read_text().split() == [s for s in smiles if s]
+    assert [ln.split() for ln in (folder / "smiles.txt").read_text().splitlines()] == [
+        [s, f"sample_{i}"] for i, s in enumerate(smiles) if s]
     assert (folder / "molecules.sdf").read_text().count("$$$$") == sum(1 for s in smiles if s)
 
 

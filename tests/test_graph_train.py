@@ -118,6 +118,7 @@ def test_sample_cli_reproduces_the_run(full_run):
     (("sampler.solver=ddim",), "sampler.solver"),
     (("data.max_feat_num=5",), "max_feat_num"),
     (("model.sde_adj.type=XYZ",), "sde_adj.type"),
+    (("trainer.ema_decays=[]", "sampler.use_ema=true"), "sampler.use_ema=true but trainer.ema_decays is empty"),
 ])
 def test_bad_configs_fail_at_start(tmp_path, overrides, match):
     with pytest.raises(ConfigError, match=match):
