@@ -75,24 +75,13 @@ def ema_order(run: Path, decays=None) -> list[str]:
     return list((found[1].get("ema") or {}).get("shadows") or {}) if found is not None else []
 
 
-def _ema_shadow(state: dict, order: list[str]) -> dict[str, Tensor] | None:
-    """A checkpoint's EMA weights of the first decay of ``order`` (else its first shadow), or None."""
-    shadows = (state.get("ema") or {}).get("shadows") or {}
-    if not shadows:
-        return None
-    for key in order:
-        if key in shadows:
-            return shadows[key]
-    return next(iter(shadows.values()))  # insertion order = the configured order
-
-
 def _weights(run: Path, file: Path | None, use_ema: bool, decays=None) -> dict[str, Tensor]:
     """The weights to load: ``file`` if given (a checkpoint's EMA of the first configured decay when
     ``use_ema``), else the run's EMA export of the first configured decay, else the newest checkpoint.
     ``decays``: the run's ``ema_decays`` as recorded in its JSON (None for older runs)."""
     from safetensors.torch import load_file
 
-    from core.engine.checkpoint import list_checkpoints, load_checkpoint
+    from core.engine.checkpoint import first_ema_shadow, list_checkpoints, load_checkpoint
 
     if file is None:
         emas = sorted(run.glob("ema_*.safetensors"))
@@ -111,7 +100,7 @@ def _weights(run: Path, file: Path | None, use_ema: bool, decays=None) -> dict[s
     state = load_checkpoint(file)
     if use_ema:
         order = [] if not decays else ema_order(run, decays)
-        shadow = _ema_shadow(state, order)
+        shadow = first_ema_shadow(state, order)
         if shadow is not None:
             return shadow
     return state["model"]

@@ -823,3 +823,13 @@ def test_compile_flag_trains(tmp_path):
     assert out["step"] == 4 and math.isfinite(out["loss"])
     resumed = train_in_process(tmp_path, *SMOKE, "trainer.steps=6", "trainer.compile=true")
     assert resumed["step"] == 6
+
+
+def test_first_ema_shadow_follows_the_configured_order():
+    from core.engine.checkpoint import first_ema_shadow
+
+    a, b = {"w": torch.zeros(1)}, {"w": torch.ones(1)}
+    state = {"model": {}, "ema": {"shadows": {"0.999": a, "0.99": b}}}
+    assert first_ema_shadow(state, ["0.99", "0.999"]) is b  # the recorded order wins over storage order
+    assert first_ema_shadow(state, ["0.5"]) is a and first_ema_shadow(state) is a  # else the first stored
+    assert first_ema_shadow({"model": {}, "ema": None}) is None

@@ -130,13 +130,10 @@ def sample_ar(model: TextModel, num: int, length: int, *, temperature: float = 1
 
 def _ema_state(ckpt: dict, order: list[str]) -> dict:
     """The EMA weights of a checkpoint of the first decay of ``order``, else its model weights."""
-    shadows = (ckpt.get("ema") or {}).get("shadows") or {}
-    if not shadows:
-        return ckpt["model"]
-    for key in order:
-        if key in shadows:
-            return shadows[key]
-    return next(iter(shadows.values()))  # the engine keeps the shadows in the configured order
+    from core.engine.checkpoint import first_ema_shadow
+
+    shadow = first_ema_shadow(ckpt, order)
+    return ckpt["model"] if shadow is None else shadow
 
 
 def _pick_export(run_dir: Path, exports: list[Path], order: list[str]) -> Path:

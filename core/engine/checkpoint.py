@@ -158,6 +158,19 @@ def set_aside_checkpoints_after(directory: str | os.PathLike, step: int | None) 
     return moved
 
 
+def first_ema_shadow(state: dict, order=()) -> dict | None:
+    """A checkpoint's EMA weights of the first decay key of ``order`` (e.g. a run's recorded
+    ``trainer.ema_decays`` as :func:`core.engine.ema.decay_key` spells them) that it holds, else its
+    first shadow (the engine keeps the shadows in the configured order), or None without an EMA."""
+    shadows = (state.get("ema") or {}).get("shadows") or {}
+    if not shadows:
+        return None
+    for key in order:
+        if key in shadows:
+            return shadows[key]
+    return next(iter(shadows.values()))
+
+
 def remove_stale_temp_files(directory: str | os.PathLike) -> list[Path]:
     """Delete temporary files left by a writer that died before its rename."""
     d = Path(directory)
