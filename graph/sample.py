@@ -157,6 +157,11 @@ def main(argv: list[str] | None = None) -> dict:
             p.error("--ckpt applies to --run; with --official the checkpoint is --official's")
         if a.data is None:
             p.error(f"--official needs --data NAME, the data to sample for: one of {_group_names('data')}")
+    for flag, value, ok, rule in (("--num", a.num, lambda v: v >= 1, ">= 1"), ("--snr", a.snr, lambda v: v > 0, "> 0"),
+                                  ("--scale-eps", a.scale_eps, lambda v: v >= 0, ">= 0"),
+                                  ("--steps", a.steps, lambda v: v >= 1, ">= 1")):
+        if value is not None and not ok(value):  # named as the user typed it, not as the config key it sets
+            p.error(f"{flag} must be {rule}, got {value}")
     torch.set_num_threads(a.threads)
     info: dict = {}
     if a.run is not None:
@@ -192,8 +197,6 @@ def main(argv: list[str] | None = None) -> dict:
     except ValueError as e:
         p.error(str(e))
     steps = a.steps if a.steps is not None else num_scales
-    if steps < 1:
-        p.error(f"--steps must be >= 1, got {steps}")
     try:
         data = load_data(data_cfg)
     except ValueError as e:  # e.g. graphs larger than data.max_node_num, a missing SMILES file

@@ -168,6 +168,16 @@ class GraphDataConfig:
         if self.options and self.name not in MOLECULE_DATASETS:
             raise ValueError(f"data.options is for molecule data sets only, got {dict(self.options)} for "
                              f"{self.name!r}")
+        if self.name in MOLECULE_DATASETS:
+            # these keys shape generic graphs only; a molecule set is split by data.options (seed, split_file,
+            # test_fraction) and encoded from its atoms and bonds, so a changed value here would be ignored
+            generic = GraphDataConfig()
+            changed = [f"data.{k}={getattr(self, k)!r}" for k in ("seed", "split_seed", "num_graphs", "test_split", "init")
+                       if getattr(self, k) != getattr(generic, k)]
+            if changed:
+                raise ValueError(f"{', '.join(changed)} applies to generic graphs, not to the molecule data set "
+                                 f"{self.name!r}: set its split through data.options (seed, test_fraction, "
+                                 "split_file; graph.molecules.load_molecule_dataset)")
 
 
 PREDICTORS = {"Euler": "euler_maruyama", "Reverse": "reverse_diffusion", "euler_maruyama": "euler_maruyama",

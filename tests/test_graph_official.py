@@ -235,6 +235,9 @@ def test_bad_input_exits_2_naming_the_value(tiny, tmp_path, capsys):
     _fails([*ok, "sampler.snr=-1"], capsys, "snr")
     _fails([*ok, "--ckpt", str(path)], capsys, "--ckpt")
     _fails([*ok, "--steps", "0"], capsys, "--steps")
+    _fails([*ok, "--num", "0"], capsys, "--num must be >= 1, got 0")  # the flag, not sampler.num_samples
+    _fails([*ok, "--snr", "0"], capsys, "--snr must be > 0, got 0.0")
+    _fails([*ok, "--scale-eps", "-1"], capsys, "--scale-eps must be >= 0, got -1.0")
     _fails([*ok, "--run", str(tmp_path)], capsys, "--run")  # one source of weights
     _fails(["--run", str(tmp_path), "--data", "community_small"], capsys, "--data", "--official")
     _fails(["--run", str(tmp_path)], capsys, "run.json")

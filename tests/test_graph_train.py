@@ -112,6 +112,8 @@ def test_sample_cli_reproduces_the_run(full_run):
     (("data=graph_file", "data.graph_file=/nonexistent/g.g6"), "data.graph_file='/nonexistent/g.g6' is not a file"),
     (("data.graph_file=/nonexistent/g.g6",), "data.graph_file="),
     (("data=qm9", "data.graph_file=/nonexistent/g.g6"), "data.graph_file is for generic graphs"),
+    (("data=qm9", "data.test_split=0.3"), "data.test_split=0.3 applies to generic graphs.*data.options"),
+    (("data=moses", "data.seed=3", "data.init=ones"), "data.seed=3, data.init='ones' applies to generic graphs"),
     (("data.name=lobster",), "data.name"),
     (("trainer.batch_size=96",), "batch_size"),
     (("model.x=GIN",), "model.x"),
