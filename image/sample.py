@@ -60,37 +60,18 @@ def _run_dir(checkpoint_path: str | Path) -> tuple[Path, Path | None]:
     raise ValueError(f"no run.json beside {p} or its parent: not an image.train checkpoint")
 
 
-def ema_order(run: Path, decays=None) -> list[str]:
-    """Decay keys (``"0.999"``) of a run's EMAs in ``trainer.ema_decays`` order, the first being the
-    trainer's default EMA (its sample grids, the autoencoder's latent scale). ``decays``: the list
-    recorded in run.json / codec.json; a run from before it was recorded falls back on the shadow
-    order of its newest checkpoint (the engine keeps the configured order), else ``[]``."""
-    from core.engine.ema import decay_key
-
-    if decays:
-        return [decay_key(d) for d in decays]
-    from core.engine.checkpoint import newest_loadable
-
-    found = newest_loadable(run / "checkpoints")
-    return list((found[1].get("ema") or {}).get("shadows") or {}) if found is not None else []
-
-
 def _weights(run: Path, file: Path | None, use_ema: bool, decays=None) -> dict[str, Tensor]:
     """The weights to load: ``file`` if given (a checkpoint's EMA of the first configured decay when
     ``use_ema``), else the run's EMA export of the first configured decay, else the newest checkpoint.
     ``decays``: the run's ``ema_decays`` as recorded in its JSON (None for older runs)."""
     from safetensors.torch import load_file
 
-    from core.engine.checkpoint import first_ema_shadow, list_checkpoints, load_checkpoint
+    from core.engine.checkpoint import ema_order, first_ema_export, first_ema_shadow, list_checkpoints, load_checkpoint
 
     if file is None:
-        emas = sorted(run.glob("ema_*.safetensors"))
-        if use_ema and emas:
-            order = ema_order(run, decays) if (decays or len(emas) > 1) else []
-            by_name = {p.name: p for p in emas}
-            pick = next((by_name[f"ema_{k}.safetensors"] for k in order if f"ema_{k}.safetensors" in by_name),
-                        emas[0])
-            return load_file(str(pick))
+        export = first_ema_export(run, decays) if use_ema else None
+        if export is not None:
+            return load_file(str(export))
         ckpts = list_checkpoints(run / "checkpoints")
         if not ckpts:
             raise ValueError(f"run {run} has no exported weights and no checkpoint")

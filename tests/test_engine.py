@@ -833,3 +833,21 @@ def test_first_ema_shadow_follows_the_configured_order():
     assert first_ema_shadow(state, ["0.99", "0.999"]) is b  # the recorded order wins over storage order
     assert first_ema_shadow(state, ["0.5"]) is a and first_ema_shadow(state) is a  # else the first stored
     assert first_ema_shadow({"model": {}, "ema": None}) is None
+
+
+def test_first_ema_export_follows_the_recorded_decays_not_file_names(tmp_path):
+    from core.engine.checkpoint import checkpoint_path, first_ema_export, save_checkpoint
+
+    assert first_ema_export(tmp_path, [0.999]) is None  # no exports
+    for key in ("0.99", "0.999"):
+        (tmp_path / f"ema_{key}.safetensors").write_bytes(b"")
+    assert first_ema_export(tmp_path, [0.999, 0.99]).name == "ema_0.999.safetensors"  # not the first by name
+    assert first_ema_export(tmp_path, [0.99]).name == "ema_0.99.safetensors"
+    assert first_ema_export(tmp_path).name == "ema_0.99.safetensors"  # nothing recorded, no checkpoint: by name
+    # a run from before the decays were recorded: its newest checkpoint's shadow order (the configured one)
+    state = {"model": {}, "ema": {"shadows": {"0.999": {"w": torch.zeros(1)}, "0.99": {"w": torch.ones(1)}}}}
+    save_checkpoint(state, checkpoint_path(tmp_path / "checkpoints", 5))
+    assert first_ema_export(tmp_path).name == "ema_0.999.safetensors"
+    (tmp_path / "ema_0.99.safetensors").unlink()
+    (tmp_path / "ema_0.999.safetensors").rename(tmp_path / "ema_packed.safetensors")
+    assert first_ema_export(tmp_path, [0.99]).name == "ema_packed.safetensors"  # a renamed single export

@@ -136,22 +136,6 @@ def _ema_state(ckpt: dict, order: list[str]) -> dict:
     return ckpt["model"] if shadow is None else shadow
 
 
-def _pick_export(run_dir: Path, exports: list[Path], order: list[str]) -> Path:
-    """The export ``ema_<decay>.safetensors`` of the first decay of ``order``."""
-    if not order and len(exports) > 1:
-        # a run.json from before the decays were recorded: the checkpoints keep the configured order
-        from core.engine.checkpoint import newest_loadable
-
-        found = newest_loadable(run_dir / "checkpoints")
-        if found is not None:
-            order = list((found[1].get("ema") or {}).get("shadows") or {})
-    by_name = {p.name: p for p in exports}
-    for key in order:
-        if f"ema_{key}.safetensors" in by_name:
-            return by_name[f"ema_{key}.safetensors"]
-    return exports[0]  # exports named otherwise (a packed run): the first by name
-
-
 def load_run(run_dir: str | Path, device: str = "cpu", step: int | None = None) -> tuple[TextModel, object, dict]:
     """``(model in eval mode, tokenizer, run.json dict)`` of a ``text.train`` output directory.
 
@@ -161,6 +145,7 @@ def load_run(run_dir: str | Path, device: str = "cpu", step: int | None = None) 
     in its configured order (not the first export by file name). A BPE tokenizer's
     ``tokenizer.json`` is found relative to ``run_dir``, so a moved or copied run folder loads.
     """
+    from core.engine.checkpoint import first_ema_export
     from core.engine.ema import decay_key
 
     run_dir = Path(run_dir)
@@ -170,15 +155,15 @@ def load_run(run_dir: str | Path, device: str = "cpu", step: int | None = None) 
     info = json.loads(info_path.read_text())
     model = TextModel(TextModelConfig(**info["model"]), info["vocab_size"])
     order = [decay_key(d) for d in info.get("ema_decays") or []]
-    exports = sorted(run_dir.glob("ema_*.safetensors")) if step is None else []
+    export = first_ema_export(run_dir, info.get("ema_decays")) if step is None else None
     if step is not None:
         from core.engine.checkpoint import checkpoint_path, load_checkpoint
 
         state = _ema_state(load_checkpoint(checkpoint_path(run_dir / "checkpoints", step)), order)
-    elif exports:
+    elif export is not None:
         from safetensors.torch import load_file
 
-        state = load_file(str(_pick_export(run_dir, exports, order)))
+        state = load_file(str(export))
     else:
         from core.engine.checkpoint import newest_loadable
 

@@ -171,6 +171,31 @@ def first_ema_shadow(state: dict, order=()) -> dict | None:
     return next(iter(shadows.values()))
 
 
+def ema_order(run_dir: str | os.PathLike, decays=None) -> list[str]:
+    """Decay keys (``"0.999"``) of a run's EMAs in ``trainer.ema_decays`` order, the first being the
+    trainer's default EMA. ``decays``: the list a run recorded (its run.json); a run from before it was
+    recorded falls back on the shadow order of its newest checkpoint (the engine keeps the configured
+    order), else ``[]``."""
+    from .ema import decay_key
+
+    if decays:
+        return [decay_key(d) for d in decays]
+    found = newest_loadable(Path(run_dir) / "checkpoints")
+    return list((found[1].get("ema") or {}).get("shadows") or {}) if found is not None else []
+
+
+def first_ema_export(run_dir: str | os.PathLike, decays=None) -> Path | None:
+    """The run's exported EMA weights (``ema_<decay>.safetensors``) of the first configured decay
+    (:func:`ema_order`), the first export by name when none matches (e.g. a renamed, packed run), or
+    None without exports. The file name never decides between decays the run recorded."""
+    exports = sorted(Path(run_dir).glob("ema_*.safetensors"))
+    if not exports:
+        return None
+    by_name = {p.name: p for p in exports}
+    order = ema_order(run_dir, decays) if (decays or len(exports) > 1) else []
+    return next((by_name[f"ema_{k}.safetensors"] for k in order if f"ema_{k}.safetensors" in by_name), exports[0])
+
+
 def remove_stale_temp_files(directory: str | os.PathLike) -> list[Path]:
     """Delete temporary files left by a writer that died before its rename."""
     d = Path(directory)
