@@ -851,3 +851,16 @@ def test_first_ema_export_follows_the_recorded_decays_not_file_names(tmp_path):
     (tmp_path / "ema_0.99.safetensors").unlink()
     (tmp_path / "ema_0.999.safetensors").rename(tmp_path / "ema_packed.safetensors")
     assert first_ema_export(tmp_path, [0.99]).name == "ema_packed.safetensors"  # a renamed single export
+
+
+def test_warmup_warning_is_given_once_per_config():
+    from core.engine.config import TrainerConfig, validate_trainer
+
+    cfg = TrainerConfig(steps=10, warmup_steps=20)
+    with pytest.warns(UserWarning, match="warmup_steps=20 >= trainer.steps=10") as seen:
+        validate_trainer(cfg)
+        validate_trainer(cfg)  # as prepare() and then the Trainer check the same config
+    assert len([w for w in seen if "warmup_steps" in str(w.message)]) == 1
+    cfg.steps = 15  # a changed config is checked afresh
+    with pytest.warns(UserWarning, match="warmup_steps=20 >= trainer.steps=15"):
+        validate_trainer(cfg)

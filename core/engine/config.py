@@ -153,7 +153,10 @@ def validate_trainer(cfg: TrainerConfig, world_size: int | None = None, prefix: 
     positive_int("keep_last")
     for name in ("warmup_steps", "ckpt_every", "sample_every", "log_every", "num_workers", "seed"):
         non_negative_int(name)
-    if cfg.warmup_steps > cfg.steps or (cfg.warmup_steps == cfg.steps and cfg.schedule != "constant"):
+    warmup_note = (cfg.warmup_steps, cfg.steps, cfg.schedule)
+    if (cfg.warmup_steps > cfg.steps or (cfg.warmup_steps == cfg.steps and cfg.schedule != "constant")) \
+            and getattr(cfg, "_warmup_warned", None) != warmup_note:  # once per config: prepare() and Trainer
+        cfg._warmup_warned = warmup_note  # both validate the same object
         # legal (a short smoke run under a long run's warm-up), but the learning rate ends below
         # trainer.lr or the decay never starts: say so at start rather than let the run look fine
         decay = "" if cfg.schedule == "constant" else f" and the {cfg.schedule!r} decay never starts"
