@@ -6,6 +6,7 @@ repository, the way a user would; the rest drive ``Trainer`` in-process on a tin
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -864,3 +865,30 @@ def test_warmup_warning_is_given_once_per_config():
     cfg.steps = 15  # a changed config is checked afresh
     with pytest.warns(UserWarning, match="warmup_steps=20 >= trainer.steps=15"):
         validate_trainer(cfg)
+
+
+def test_resume_into_a_differently_shaped_model_is_a_config_error_naming_the_tensors(tmp_path):
+    """A setting outside the model group (e.g. a vocabulary from the data) that reshapes the model: a clear
+    ConfigError before anything loads, not load_state_dict's size-mismatch RuntimeError."""
+    data = tiny_data()
+    Trainer(tiny_model(), denoise_loss, data, make_cfg(tmp_path, steps=6)).fit(stop_at=4)
+    wide = nn.Sequential(nn.Linear(4, 32), nn.SiLU(), nn.Dropout(0.1), nn.Linear(32, 3))
+    with pytest.raises(ConfigError, match=r"0.weight \(16, 4\) in the checkpoint, \(32, 4\) now.*another "
+                                          r"trainer.out_dir"):
+        Trainer(wide, denoise_loss, data, make_cfg(tmp_path, steps=6)).fit()
+    assert [s for s, _ in list_checkpoints(tmp_path / "checkpoints")] == [4]  # nothing set aside or lost
+
+
+def test_resume_drops_a_metrics_line_torn_by_a_kill(tmp_path):
+    data = tiny_data()
+    Trainer(tiny_model(), denoise_loss, data, make_cfg(tmp_path, steps=8, log_every=1)).fit(stop_at=4)
+    with open(tmp_path / "metrics.jsonl", "a") as f:  # a kill in the middle of the next append
+        f.write('{"step": 5, "lo')
+    with open(tmp_path / "metrics.csv", "a") as f:
+        f.write("5,0.")
+    Trainer(tiny_model(), denoise_loss, data, make_cfg(tmp_path, steps=8, log_every=1)).fit()
+    steps = [json.loads(ln)["step"] for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))
+    with open(tmp_path / "metrics.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert [int(float(r[rows[0].index("step")])) for r in rows[1:]] == list(range(1, 9))

@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import io
 import json
 import logging
 import math
@@ -54,6 +55,7 @@ from torch import nn
 from . import distributed as D
 from .checkpoint import (
     FORMAT,
+    atomic_write,
     checkpoint_path,
     export_safetensors,
     list_checkpoints,
@@ -207,6 +209,14 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+def _step_le(value: str, step: int) -> bool:
+    """Whether a CSV cell holds a step number <= ``step`` (a torn row's cell need not be a number)."""
+    try:
+        return float(value) <= step
+    except ValueError:
+        return False
+
+
 class MetricsWriter:
     """Rank-0 metrics sink: ``metrics.jsonl``, ``metrics.csv`` and TensorBoard when importable."""
 
@@ -231,19 +241,28 @@ class MetricsWriter:
                 log.info("tensorboard is not installed; metrics go to metrics.jsonl / metrics.csv only")
 
     def _truncate_after(self, step: int) -> None:
-        # Rows logged after the checkpoint we resume from will be logged again.
+        # Rows logged after the checkpoint we resume from will be logged again. Rewritten atomically (a
+        # kill here must not lose the run's history); a line torn by a kill mid-append is dropped.
         if self.jsonl.exists():
-            lines = [ln for ln in self.jsonl.read_text().splitlines() if ln.strip()]
-            keep = [ln for ln in lines if json.loads(ln).get("step", 0) <= step]
-            self.jsonl.write_text("".join(ln + "\n" for ln in keep))
+            keep = []
+            for ln in self.jsonl.read_text().splitlines():
+                try:
+                    row = json.loads(ln) if ln.strip() else None
+                except json.JSONDecodeError:
+                    log.warning("dropping a torn line of %s: %r", self.jsonl, ln[:80])
+                    continue
+                if isinstance(row, dict) and row.get("step", 0) <= step:
+                    keep.append(ln)
+            atomic_write(self.jsonl, lambda f: f.write("".join(ln + "\n" for ln in keep).encode()))
         if self.csv.exists():
             with open(self.csv, newline="") as f:
                 rows = list(csv.reader(f))
             if rows:
                 i = rows[0].index("step") if "step" in rows[0] else 0
-                keep = [rows[0]] + [r for r in rows[1:] if r and float(r[i]) <= step]
-                with open(self.csv, "w", newline="") as f:
-                    csv.writer(f).writerows(keep)
+                keep_rows = [rows[0]] + [r for r in rows[1:] if len(r) == len(rows[0]) and _step_le(r[i], step)]
+                buf = io.StringIO(newline="")
+                csv.writer(buf).writerows(keep_rows)
+                atomic_write(self.csv, lambda f: f.write(buf.getvalue().encode()))
 
     def write(self, row: dict[str, Any]) -> None:
         with open(self.jsonl, "a") as f:
@@ -538,6 +557,27 @@ class Trainer:
                 warnings.warn(msg, stacklevel=3)
         D.barrier()
 
+    def _check_shapes(self, path: Path, state: dict) -> None:
+        """ConfigError when the checkpoint's weights do not fit the model built from this run's config
+        (a setting outside the model group shaped it differently, e.g. data that changed a vocabulary),
+        naming the tensors, before anything is loaded."""
+        if self.fsdp or not isinstance(state.get("model"), dict):
+            return  # FSDP holds shards; its loader reports a mismatch itself
+        own = self.raw_model.state_dict()
+        theirs = state["model"]
+        diffs = [f"{k} {tuple(theirs[k].shape)} in the checkpoint, {tuple(v.shape)} now" for k, v in own.items()
+                 if k in theirs and hasattr(theirs[k], "shape") and tuple(theirs[k].shape) != tuple(v.shape)]
+        missing = [k for k in own if k not in theirs]
+        extra = [k for k in theirs if k not in own]
+        if diffs or missing or extra:
+            parts = ([f"shapes differ: {'; '.join(diffs[:4])}{' ...' if len(diffs) > 4 else ''}"] if diffs else []) \
+                + ([f"missing from the checkpoint: {missing[:4]}"] if missing else []) \
+                + ([f"not in this model: {extra[:4]}"] if extra else [])
+            raise ConfigError(f"the weights of {path} do not fit the model this config builds ({', '.join(parts)}): "
+                              "a setting that shapes the model (e.g. a data setting that changes the vocabulary "
+                              "or the graph size) differs from the run's; resume with the run's settings or use "
+                              "another trainer.out_dir")
+
     def _resume(self) -> int | None:
         cfg = self.cfg
         if self.is_main:
@@ -562,6 +602,7 @@ class Trainer:
         else:
             path, state = Path(cfg.resume), load_checkpoint(cfg.resume)
         self._check_run_config(path, state)
+        self._check_shapes(path, state)
         self.load_state_dict(state)
         self._set_aside_after(self.step)
         self.last_checkpoint = path
