@@ -9,16 +9,16 @@
 
 The model is CDTD (:mod:`tabular.model`); the training loop is a compact AdamW loop with linear
 warm-up and linear decay (the official configuration) and an EMA of the weights, which are the
-weights used for sampling and saved. No Hydra needed (``python -m tabular.train`` wraps this).
+weights used for sampling and saved. ``fit(df, checkpoint_dir=...)`` checkpoints the fit and continues
+an interrupted one bit for bit. No Hydra needed (``python -m tabular.train`` wraps this).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
-import os
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -27,17 +27,36 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 from scipy.special import ndtri
 from tqdm.auto import tqdm
 
+from core.engine.checkpoint import (
+    CheckpointError,
+    atomic_write,
+    checkpoint_path,
+    list_checkpoints,
+    load_checkpoint,
+    newest_loadable,
+    prune_checkpoints,
+    remove_stale_temp_files,
+    rng_state,
+    save_checkpoint,
+    set_aside_checkpoints_after,
+    set_rng_state,
+)
 from core.engine.ema import EMA
 
 from .data import QuantileNormal, TableEncoder
 from .model import CDTD, CDTDConfig, check_sampler
-from .schema import MISSING, Schema, TabularInputError, infer_schema
+from .schema import MISSING, Schema, TabularInputError, category_strings, infer_schema
 
 FORMAT_VERSION = 1
+FIT_CHECKPOINT_FORMAT = "tabular.cdtd_fit/1"
+# FitConfig fields that shape the optimisation: a checkpoint continues only a fit with the same values
+# (and the same model config and encoded training table)
+RESUME_KEYS = ("steps", "batch_size", "lr", "weight_decay", "warmup_steps", "ema_decay", "grad_clip", "seed", "device")
 
 
 @dataclass
@@ -107,6 +126,11 @@ def calibrate_scores(x_num: np.ndarray, quantiles: list, known: np.ndarray | Non
     return out.astype(x_num.dtype)
 
 
+class SavedModelError(ValueError):
+    """A saved model directory that :meth:`TabularDiffusion.load` cannot use (a file missing, another
+    format, or weights and metadata from two different saves); the message names the directory."""
+
+
 def _split_kwargs(kwargs: dict) -> tuple[CDTDConfig, FitConfig]:
     model_keys = {f.name for f in dataclasses.fields(CDTDConfig)}
     fit_keys = {f.name for f in dataclasses.fields(FitConfig)}
@@ -129,12 +153,34 @@ class TabularDiffusion:
         self.model: CDTD | None = None
         self.calibration: dict | None = None
         self.history: list[dict] = []
+        self.stopped_at: int | None = None  # the step a fit with stop_at stopped at (see fit)
 
     # -- fitting -----------------------------------------------------------------------------------
 
     def fit(self, df: pd.DataFrame, categorical: list[str] | None = None, numerical: list[str] | None = None,
-            *, constant: str = "keep") -> TabularDiffusion:
-        """Infer/check the schema, encode, and train. Returns ``self``."""
+            *, constant: str = "keep", checkpoint_dir: str | Path | None = None, ckpt_every: int = 0,
+            keep_last: int = 3, resume: bool | str = "auto", stop_at: int | None = None) -> TabularDiffusion:
+        """Infer/check the schema, encode, and train. Returns ``self``.
+
+        Checkpoints (all off without ``checkpoint_dir``): every ``ckpt_every`` steps (0: only at the end
+        and at ``stop_at``) an atomic ``checkpoint_dir/ckpt_<step>.pt`` of the weights, optimiser, LR
+        schedule, EMA, RNG states and data position; the newest ``keep_last`` are kept. ``resume``:
+        ``"auto"`` continues from the newest checkpoint there if any, ``True`` requires one, ``False``
+        requires none, a path names the file. A resumed fit continues bit for bit as the uninterrupted
+        one would have (same table, model and training settings, else :class:`CheckpointError` naming
+        what differs). ``stop_at``: stop after that step with a checkpoint (``self.stopped_at`` is set,
+        no calibration is run); fit again with the same arguments to continue.
+        """
+        if checkpoint_dir is None and stop_at is not None:
+            raise ValueError(f"stop_at={stop_at!r} needs checkpoint_dir (the fit is continued from its checkpoint)")
+        if stop_at is not None and not (_is_positive_int(stop_at) and stop_at <= self.fit_config.steps):
+            raise ValueError(f"stop_at must be None or an integer in [1, steps={self.fit_config.steps}], got {stop_at!r}")
+        if not (isinstance(ckpt_every, int | np.integer) and not isinstance(ckpt_every, bool) and ckpt_every >= 0):
+            raise ValueError(f"ckpt_every must be an integer >= 0, got {ckpt_every!r}")
+        if not _is_positive_int(keep_last):
+            raise ValueError(f"keep_last must be a positive integer, got {keep_last!r}")
+        if not (isinstance(resume, bool) or (isinstance(resume, str | Path) and str(resume) != "")):
+            raise ValueError(f"resume must be 'auto', True, False or a checkpoint path, got {resume!r}")
         schema = infer_schema(df, categorical, numerical, constant=constant)
         if not schema.numerical and not schema.categorical:
             raise TabularInputError("every column is constant: there is nothing to model")
@@ -155,18 +201,69 @@ class TabularDiffusion:
             lo, hi = encoder.level_ranges(df)
             if (hi > lo).any():
                 levels = (torch.from_numpy(lo), torch.from_numpy(hi - lo))
-        self._train(torch.from_numpy(x_num), torch.from_numpy(x_cat), torch.from_numpy(observed), gen, levels)
+        ckpt = None
+        if checkpoint_dir is not None:
+            ckpt = {"dir": Path(checkpoint_dir), "every": int(ckpt_every), "keep_last": int(keep_last),
+                    "resume": resume, "stop_at": stop_at}
+        self._train(torch.from_numpy(x_num), torch.from_numpy(x_cat), torch.from_numpy(observed), gen, levels, ckpt)
         self.train_rows = len(df)
         self.calibration, self.calibration_seconds = None, 0.0
-        if fc.calibration_rows != 0:
+        if fc.calibration_rows != 0 and self.stopped_at is None:
             t0 = time.perf_counter()
             self.calibrate()
             self.calibration_seconds = time.perf_counter() - t0
         return self
 
-    def _train(self, x_num, x_cat, observed, gen, levels=None):
+    def _fit_fingerprint(self, tensors) -> dict:
+        """What a checkpoint must share with this fit to continue it: the model config, the training
+        settings of :data:`RESUME_KEYS` and a hash of the encoded training table."""
+        h = hashlib.sha256()
+        for t in tensors:
+            if t is not None:
+                h.update(str((tuple(t.shape), str(t.dtype))).encode())
+                h.update(t.contiguous().numpy().tobytes())
+        fit = dataclasses.asdict(self.fit_config)
+        return {"model": dataclasses.asdict(self.model_config), "fit": {k: fit[k] for k in RESUME_KEYS},
+                "data_sha256": h.hexdigest()}
+
+    def _resume_state(self, ckpt: dict, fingerprint: dict) -> dict | None:
+        """The checkpoint ``ckpt['resume']`` asks for (None: start at step 0), checked against ``fingerprint``."""
+        d, resume = ckpt["dir"], ckpt["resume"]
+        remove_stale_temp_files(d)
+        existing = list_checkpoints(d)
+        if resume is False:
+            if existing:
+                raise CheckpointError(f"resume=False but {str(d)!r} already holds checkpoints (newest: step "
+                                      f"{existing[-1][0]}); resume them or use another directory")
+            return None
+        if resume is True or resume == "auto":
+            found = newest_loadable(d)
+            if found is None:
+                if resume is True:
+                    raise CheckpointError(f"resume=True but {str(d)!r} holds no loadable checkpoint")
+                set_aside_checkpoints_after(d, None)  # only unloadable files: this fit starts at step 0
+                return None
+            path, state = found
+        else:
+            path, state = Path(resume), load_checkpoint(resume)
+        if state.get("format") != FIT_CHECKPOINT_FORMAT:
+            raise CheckpointError(f"{str(path)!r} is not a CDTD fit checkpoint (format {state.get('format')!r})")
+        saved = state["fingerprint"]
+        diffs = [f"{g}.{k} {saved[g].get(k)!r} -> {fingerprint[g][k]!r}" for g in ("model", "fit")
+                 for k in fingerprint[g] if saved[g].get(k) != fingerprint[g][k]]
+        if saved["data_sha256"] != fingerprint["data_sha256"]:
+            diffs.append("the training table (its encoded values differ)")
+        if diffs:
+            raise CheckpointError(f"{str(path)!r} (step {state['step']}) belongs to another fit: "
+                                  f"{'; '.join(diffs)}. Fit with the checkpoint's table and settings to continue "
+                                  f"it, or use another checkpoint directory (resume=False starts afresh)")
+        set_aside_checkpoints_after(d, int(state["step"]))  # later ones belong to an abandoned fit
+        return state
+
+    def _train(self, x_num, x_cat, observed, gen, levels=None, ckpt=None):
         """``levels``: optional (low level, level width) per numerical cell; each batch then draws its
-        scores ``ndtri(low + U * width)`` afresh (dequantised ties) instead of using ``x_num``."""
+        scores ``ndtri(low + U * width)`` afresh (dequantised ties) instead of using ``x_num``.
+        ``ckpt``: the checkpoint settings of :meth:`fit` (dir, every, keep_last, resume, stop_at) or None."""
         fc, model = self.fit_config, self.model
         dev = torch.device(fc.device)
         n = x_num.shape[0]
@@ -183,10 +280,42 @@ class TabularDiffusion:
         ema = EMA(model, [fc.ema_decay], warmup=True) if fc.ema_decay > 0 else None
         dgen = torch.Generator(device=dev).manual_seed(fc.seed + 1) if dev.type != "cpu" else gen
         perm, pos = torch.randperm(n, generator=gen), 0
+        self.history, self.stopped_at = [], None
+        running, first, elapsed0, cpu_elapsed0 = None, 0, 0.0, 0.0
+        fingerprint = state = None
+        if ckpt is not None:
+            fingerprint = self._fit_fingerprint((x_num, x_cat, observed) + (levels or ()))
+            state = self._resume_state(ckpt, fingerprint)
+        if state is not None:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            if ema is not None:
+                ema.load_state_dict(state["ema"])
+            gen.set_state(state["generator"])
+            if dgen is not gen:
+                dgen.set_state(state["device_generator"])
+            set_rng_state(state["rng"])
+            perm, pos = state["perm"], int(state["pos"])
+            self.history = list(state["history"])
+            running, first = state["running"], int(state["step"])
+            elapsed0, cpu_elapsed0 = float(state["fit_seconds"]), float(state["fit_cpu_seconds"])
         start, cpu0 = time.perf_counter(), time.process_time()
-        self.history = []
-        bar = tqdm(range(fc.steps), desc="CDTD fit", disable=not fc.progress, mininterval=2.0)
-        running = None
+
+        def save(done: int) -> None:
+            """A checkpoint after ``done`` steps (read-only: it draws no random numbers)."""
+            st = {"format": FIT_CHECKPOINT_FORMAT, "step": done, "fingerprint": fingerprint,
+                  "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                  "ema": ema.state_dict() if ema is not None else None, "generator": gen.get_state(),
+                  "device_generator": dgen.get_state() if dgen is not gen else None, "rng": rng_state(),
+                  "perm": perm, "pos": pos, "history": self.history, "running": running,
+                  "fit_seconds": elapsed0 + time.perf_counter() - start,
+                  "fit_cpu_seconds": cpu_elapsed0 + time.process_time() - cpu0}
+            save_checkpoint(st, checkpoint_path(ckpt["dir"], done))
+            prune_checkpoints(ckpt["dir"], ckpt["keep_last"])
+
+        bar = tqdm(range(first, fc.steps), desc="CDTD fit", disable=not fc.progress, mininterval=2.0,
+                   initial=first, total=fc.steps)
         model.train()
         for step in bar:
             if pos + bs > n:
@@ -212,12 +341,22 @@ class TabularDiffusion:
             self.history.append({"step": step, **stats})
             if step % 50 == 0:
                 bar.set_postfix(loss=f"{running:.4f}")
-            if fc.time_limit_s is not None and time.perf_counter() - start > fc.time_limit_s:
+            done = step + 1
+            out_of_time = (fc.time_limit_s is not None and elapsed0 + time.perf_counter() - start > fc.time_limit_s) \
+                or (fc.cpu_time_limit_s is not None and cpu_elapsed0 + time.process_time() - cpu0 > fc.cpu_time_limit_s)
+            stop = ckpt is not None and done == ckpt["stop_at"]
+            if ckpt is not None and ((ckpt["every"] and done % ckpt["every"] == 0) or done == fc.steps
+                                     or stop or out_of_time):
+                save(done)
+            if stop and done < fc.steps:
+                self.stopped_at = done
                 break
-            if fc.cpu_time_limit_s is not None and time.process_time() - cpu0 > fc.cpu_time_limit_s:
+            if out_of_time:
                 break
-        self.fit_seconds = time.perf_counter() - start
-        self.fit_cpu_seconds = time.process_time() - cpu0  # CPU time of this process: less inflated by a shared box
+        bar.close()
+        self.fit_seconds = elapsed0 + time.perf_counter() - start
+        # CPU time of this process (and of the fit's earlier processes): less inflated by a shared box
+        self.fit_cpu_seconds = cpu_elapsed0 + time.process_time() - cpu0
         self.fit_steps = len(self.history)
         if ema is not None:
             model.load_state_dict(ema.averaged(), strict=False)  # sample with (and save) the EMA weights
@@ -228,6 +367,18 @@ class TabularDiffusion:
     def _require_fitted(self):
         if self.model is None:
             raise RuntimeError("the model is not fitted: call .fit(df) or TabularDiffusion.load(path)")
+
+    def _check_constants(self, df: pd.DataFrame, known_cells: pd.DataFrame) -> None:
+        """Refuse an observed cell of a constant column that is not its constant (the model cannot be
+        given it; the cell would come back unchanged beside values generated for the constant)."""
+        for col in self.schema.columns:
+            if col.kind != "constant" or col.name not in df.columns:
+                continue
+            v = df.loc[known_cells[col.name].to_numpy(), col.name]
+            other = v[category_strings(v) != category_strings(pd.Series([col.value]))[0]]  # '1' is 1.0
+            if len(other):
+                raise TabularInputError(f"column {col.name!r}: value {other.iloc[0]!r} differs from the constant "
+                                        f"{col.value!r} of the training data")
 
     def _known(self, df: pd.DataFrame, known_cells: pd.DataFrame):
         """Encode the known cells of ``df`` (``known_cells`` bool, same shape) into the model's features.
@@ -424,6 +575,12 @@ class TabularDiffusion:
                 if col.kind == "constant" and any(v != col.value for v in value):
                     raise ValueError(f"column {name!r} is constant ({col.value!r}) in the training data; "
                                      f"it cannot be conditioned on another value")
+                if col.kind == "numerical" and col.integer:
+                    x = pd.to_numeric(pd.Series(list(value), dtype=object), errors="coerce").to_numpy(np.float64)
+                    bad = np.isfinite(x) & (np.mod(x, 1.0) != 0.0)
+                    if bad.any():  # non-numbers and infinities are named by the encoder
+                        raise TabularInputError(f"condition {name!r}: value {list(value)[int(np.argmax(bad))]!r} is "
+                                                f"not an integer, but the column holds integers")
                 cols[name] = list(value)
             cond_df = pd.DataFrame(cols)
             cond_df = cond_df.astype({c: object for c in cond_df.columns})
@@ -453,12 +610,18 @@ class TabularDiffusion:
         out = df.copy()
         known = df.notna()
         rows = np.flatnonzero(~known.to_numpy().all(1))
+        # every row's observed cells are encoded, not only those of rows with a hole: a value the model
+        # cannot take (a non-number in a numerical column, an unseen category) is refused wherever it is,
+        # as in a condition of sample(), rather than returned unchecked in a complete row
+        full, kfull = df.reset_index(drop=True), known.reset_index(drop=True)
+        model_cols = [c.name for c in self.schema.columns if c.kind != "constant"]
+        self._check_constants(full, kfull)
+        mask, num, cat, forbid = self._known(full[model_cols], kfull[model_cols])
         if len(rows) == 0:
             return out
-        sub, ksub = df.iloc[rows].reset_index(drop=True), known.iloc[rows].reset_index(drop=True)
-        model_cols = [c.name for c in self.schema.columns if c.kind != "constant"]
-        mask, num, cat, forbid = self._known(sub[model_cols], ksub[model_cols])
-        gen = self._generate(len(rows), mask, num, cat, forbid, seed, batch_size, sampler, steps, calibrated)
+        ksub = kfull.iloc[rows].reset_index(drop=True)
+        gen = self._generate(len(rows), mask[rows], num[rows], cat[rows], forbid, seed, batch_size, sampler, steps,
+                             calibrated)
         for c in df.columns:
             miss = ~ksub[c].to_numpy()
             if miss.any():
@@ -471,26 +634,25 @@ class TabularDiffusion:
     # -- persistence -------------------------------------------------------------------------------
 
     def save(self, path: str | Path) -> Path:
-        """Write ``path/model.safetensors`` (weights) and ``path/tabular.json`` (schema, encoder, configs)."""
+        """Write ``path/model.safetensors`` (weights) and ``path/tabular.json`` (schema, encoder, configs).
+
+        Each file is written atomically (temporary file, then rename), weights first. The JSON records
+        the SHA-256 of the weights file it was saved with, and :meth:`load` refuses a pair from two
+        saves (a save over an existing model that was killed between its two renames) instead of
+        combining new weights with an old encoder."""
         self._require_fitted()
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        weights = save_safetensors(state)
         meta = {"format": FORMAT_VERSION, "schema": json.loads(self.schema.to_json()),
                 "encoder": self.encoder.state(), "model_config": dataclasses.asdict(self.model_config),
                 "fit_config": dataclasses.asdict(self.fit_config),
                 "fit_steps": getattr(self, "fit_steps", None), "fit_seconds": getattr(self, "fit_seconds", None),
-                "calibration": self.calibration, "train_rows": getattr(self, "train_rows", None)}
-        state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
-        for name, write in (("model.safetensors", lambda p: save_file(state, p)),
-                            ("tabular.json", lambda p: Path(p).write_text(json.dumps(meta)))):
-            fd, tmp = tempfile.mkstemp(dir=path, prefix=f".{name}.")
-            os.close(fd)
-            try:
-                write(tmp)
-                os.replace(tmp, path / name)  # atomic: a reader never sees half a file
-            finally:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
+                "calibration": self.calibration, "train_rows": getattr(self, "train_rows", None),
+                "weights_sha256": hashlib.sha256(weights).hexdigest()}
+        atomic_write(path / "model.safetensors", lambda f: f.write(weights))
+        atomic_write(path / "tabular.json", lambda f: f.write(json.dumps(meta).encode()))
         return path
 
     @classmethod
@@ -498,10 +660,17 @@ class TabularDiffusion:
         path = Path(path)
         for name in ("model.safetensors", "tabular.json"):
             if not (path / name).is_file():
-                raise ValueError(f"{str(path)!r} is not a saved TabularDiffusion: {name} is missing")
+                raise SavedModelError(f"{str(path)!r} is not a saved TabularDiffusion: {name} is missing")
         meta = json.loads((path / "tabular.json").read_text())
         if meta.get("format") != FORMAT_VERSION:
-            raise ValueError(f"{str(path)!r}: unsupported format {meta.get('format')!r}")
+            raise SavedModelError(f"{str(path)!r}: unsupported format {meta.get('format')!r}")
+        weights = (path / "model.safetensors").read_bytes()
+        expected = meta.get("weights_sha256")  # absent in files saved before it was recorded
+        if expected is not None and hashlib.sha256(weights).hexdigest() != expected:
+            raise SavedModelError(f"{str(path)!r}: model.safetensors is not the weights file tabular.json was saved with "
+                             f"(SHA-256 {hashlib.sha256(weights).hexdigest()[:12]}..., expected {expected[:12]}...): "
+                             f"the two files come from different saves, e.g. a save interrupted between them; "
+                             f"save the model again")
         fit_cfg = {**meta["fit_config"], "device": device}
         obj = cls(**meta["model_config"], **fit_cfg)
         obj.schema = Schema.from_json(json.dumps(meta["schema"]))
@@ -509,7 +678,7 @@ class TabularDiffusion:
         obj.fit_steps, obj.fit_seconds = meta.get("fit_steps"), meta.get("fit_seconds")
         obj.calibration = meta.get("calibration")  # None in files written before calibration existed
         obj.train_rows = meta.get("train_rows")
-        state = load_file(str(path / "model.safetensors"))
+        state = load_safetensors(weights)
         props = [torch.full((k,), 1.0 / k) for k in obj.encoder.cardinalities]  # buffers come from the file
         obj.model = CDTD(len(obj.encoder.num_cols), obj.encoder.cardinalities, obj.model_config, props)
         obj.model.load_state_dict(state)

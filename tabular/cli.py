@@ -57,19 +57,32 @@ def _probability(text: str) -> float:
 
 
 def _output_file(path: str, flag: str) -> str:
+    """An output file, checked before any work: its directory exists and it is not itself a directory."""
     parent = Path(path).resolve().parent
     if not parent.is_dir():
         raise UsageError(f"{flag} {path!r}: directory {str(parent)!r} does not exist")
+    if Path(path).is_dir():
+        raise UsageError(f"{flag} {path!r} is a directory; give the path of the file to write")
+    return path
+
+
+def _output_dir(path: str, flag: str) -> str:
+    """An output directory (created when written), checked before any work: not an existing file."""
+    if Path(path).exists() and not Path(path).is_dir():
+        raise UsageError(f"{flag} {path!r} is an existing file; give a directory (it is created if absent)")
     return path
 
 
 def _load_model(path: str):
-    from .api import TabularDiffusion
+    from .api import SavedModelError, TabularDiffusion
 
     for name in ("model.safetensors", "tabular.json"):
         if not (Path(path) / name).is_file():
             raise UsageError(f"--model {path!r} is not a saved model ({name} is missing)")
-    return TabularDiffusion.load(path)
+    try:
+        return TabularDiffusion.load(path)
+    except SavedModelError as e:  # e.g. weights and metadata of two different saves
+        raise UsageError(f"--model {path!r}: {e}") from None
 
 
 def _check_conditions(conditions: dict, schema) -> None:
@@ -150,17 +163,20 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
+    from core.engine.checkpoint import atomic_write
+
     from .api import TabularDiffusion
-    from .data import load_csv
+    from .data import load_csv, write_csv
 
     try:
         if args.cmd == "fit":
+            model_dir = _output_dir(args.model, "--model")  # checked now, not after the whole fit
             cats = [c for c in args.categorical.split(",") if c] or None
             m = TabularDiffusion(steps=args.steps, batch_size=args.batch_size, denoiser=args.denoiser, seed=args.seed,
                                  dropout=args.dropout, calibration_rows=args.calibration_rows)
             m.fit(load_csv(args.csv), categorical=cats)
-            m.save(args.model)
-            print(f"saved {args.model} ({m.fit_steps} steps, {m.fit_seconds:.0f} s)")
+            m.save(model_dir)
+            print(f"saved {model_dir} ({m.fit_steps} steps, {m.fit_seconds:.0f} s)")
         elif args.cmd == "sample":
             conditions = _parse_conditions(args.condition)
             out = _output_file(args.out, "--out")
@@ -169,20 +185,21 @@ def main(argv: list[str] | None = None) -> int:
             if args.recalibrate:
                 m.calibrate(steps=args.steps)
             df = m.sample(args.n, conditions=conditions, seed=args.seed, steps=args.steps)
-            df.to_csv(out, index=False)
+            write_csv(df, out)  # atomic: a killed write leaves the old file or the new one
             print(f"wrote {len(df)} rows to {out}")
         elif args.cmd == "impute":
             out = _output_file(args.out, "--out")
             m = _load_model(args.model)
             df = load_csv(args.input)
             filled = m.impute(df, seed=args.seed)
-            filled.to_csv(out, index=False)
+            write_csv(filled, out)  # atomic: --out may be --input, which a torn write would destroy
             print(f"filled {int(df.isna().to_numpy().sum())} cells; wrote {out}")
         else:
             from .baseline import GaussianCopula
             from .metrics import fidelity_report, plot_report
             from .schema import check_holdout, infer_schema
 
+            out = Path(_output_dir(args.out, "--out"))
             if args.target and not args.task:
                 raise UsageError("--target needs --task classification|regression")
             if args.task and not args.target:  # would be ignored: no ML-efficiency score at all
@@ -203,9 +220,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.baseline:
                 synth["gaussian_copula"] = GaussianCopula().fit(real, schema=schema).sample(len(real))
             rep = fidelity_report(real, holdout, synth, schema, args.target, args.task) | checks
-            out = Path(args.out)
             out.mkdir(parents=True, exist_ok=True)
-            (out / "report.json").write_text(json.dumps(rep, indent=1))
+            atomic_write(out / "report.json", lambda f: f.write(json.dumps(rep, indent=1).encode()))
             plot_report(real, synth, schema, rep, out)
             print(json.dumps(rep["ranking"], indent=1))
     except (TabularInputError, UsageError) as e:

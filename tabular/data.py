@@ -28,6 +28,8 @@ import numpy as np
 import pandas as pd
 from scipy.special import ndtr, ndtri
 
+from core.engine.checkpoint import atomic_write
+
 from .schema import MISSING, Column, Schema, TabularInputError, category_strings, constant_series, restore_categories
 
 ADULT_COLUMNS = ["age", "workclass", "fnlwgt", "education", "education_num", "marital_status", "occupation",
@@ -118,6 +120,13 @@ def load_csv(path: str | Path, na_values=("?", "", "NA", "NaN", "nan", "null")) 
     if df.empty:
         raise TabularInputError(f"CSV file {str(path)!r} has no rows")
     return df
+
+
+def write_csv(df: pd.DataFrame, path: str | Path) -> Path:
+    """``df`` as CSV (no index) at ``path``, atomically: written to a temporary file beside it and
+    renamed, so a process killed mid-write leaves the old file (an ``impute`` whose output is its own
+    input included) or the new one, never half a table."""
+    return atomic_write(path, lambda f: f.write(df.to_csv(index=False).encode()))
 
 
 def split_frame(df: pd.DataFrame, test_fraction: float, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -218,10 +227,16 @@ class TableEncoder:
 
     def numeric_scores(self, df: pd.DataFrame, col: Column) -> tuple[np.ndarray, np.ndarray]:
         """(scores with NaN -> 0, missing mask) of one numerical column."""
-        x = pd.to_numeric(df[col.name], errors="coerce").to_numpy(np.float64)
-        bad = np.isnan(x) & df[col.name].notna().to_numpy()
+        s = df[col.name]
+        if pd.api.types.is_datetime64_any_dtype(s) or pd.api.types.is_timedelta64_dtype(s):
+            raise TabularInputError(f"column {col.name!r} holds dates or durations ({s.dtype}); the model was "
+                                    f"fitted on numbers")
+        x = pd.to_numeric(s, errors="coerce").to_numpy(np.float64)
+        bad = np.isnan(x) & s.notna().to_numpy()
         if bad.any():
-            raise TabularInputError(f"column {col.name!r}: value {df[col.name][bad].iloc[0]!r} is not a number")
+            raise TabularInputError(f"column {col.name!r}: value {s[bad].iloc[0]!r} is not a number")
+        if np.isinf(x).any():  # refused in training too: the quantile transform would clip it silently
+            raise TabularInputError(f"column {col.name!r}: value {s[np.isinf(x)].iloc[0]!r} is infinite")
         miss = np.isnan(x)
         if miss.any() and not col.has_missing:
             raise TabularInputError(f"column {col.name!r} has missing values but had none when the model was fitted")

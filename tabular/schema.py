@@ -176,6 +176,23 @@ def _looks_numeric(s: pd.Series) -> tuple[bool, object]:
     return False, None
 
 
+def _check_values(name: str, s: pd.Series) -> None:
+    """Refuse what no column kind can model: dates and durations (a category per date would come
+    back as text, and as numbers they would lose their type), and values such as lists that are not
+    scalars; the error names the column (and the value)."""
+    time_kinds = ("datetime64", "datetime", "date", "timedelta64", "timedelta", "time", "period")
+    if pd.api.types.is_datetime64_any_dtype(s) or pd.api.types.is_timedelta64_dtype(s) \
+            or isinstance(s.dtype, pd.PeriodDtype) or (s.dtype == object and pd.api.types.infer_dtype(s, skipna=True) in time_kinds):
+        raise TabularInputError(f"column {name!r} holds dates, times or durations ({s.dtype}), which cannot be "
+                                f"modelled: convert it to a number (e.g. days since a reference date, or seconds), "
+                                f"or to text to model it as categories")
+    if s.dtype == object:
+        for v in s:
+            if not (v is None or pd.api.types.is_scalar(v)):
+                raise TabularInputError(f"column {name!r}: value {v!r} is a {type(v).__name__}, not a single value; "
+                                        f"only numbers, text and booleans can be modelled")
+
+
 NUMERIC_TEXT_WARN = 20  # an object column of more distinct numbers than this gets a warning
 
 
@@ -225,6 +242,7 @@ def infer_schema(
     cols = []
     for name in df.columns:
         s = df[name]
+        _check_values(name, s)
         if s.isna().all():
             raise TabularInputError(f"column {name!r} is entirely missing; drop it or fill it")
         if name in categorical:

@@ -7,13 +7,21 @@
 
 Config groups (``configs/tabular/``): ``model`` (:class:`tabular.model.CDTDConfig`), ``data``
 (:class:`TabularDataConfig`), ``sampler`` (:class:`TabularSamplerConfig`), ``eval``
-(:class:`TabularEvalConfig`), ``trainer`` (core ``TrainerConfig``; the keys CDTD's compact loop uses
-are listed in ``configs/tabular/trainer/default.yaml``). All are validated before any data is read.
+(:class:`TabularEvalConfig`), ``trainer`` (core ``TrainerConfig``; CDTD's compact loop uses the keys of
+:data:`HONOURED_TRAINER_KEYS`, and any other key set to a value other than its default is refused
+by :func:`check_trainer`). All are validated before any data is read.
+
+Checkpoints: every ``trainer.ckpt_every`` steps (and at the end) ``checkpoints/ckpt_<step>.pt`` in the run
+directory, the newest ``trainer.keep_last`` kept; ``trainer.resume`` (``auto``: the newest there, if any)
+continues an interrupted fit bit for bit when run again in the same directory
+(``hydra.run.dir=...``); ``trainer.stop_at=N`` stops after step N with a checkpoint and writes nothing
+else. A checkpoint of another fit (other data, model or training settings) exits 4 naming the difference.
 
 Exit codes: 2 for a bad config or bad data (a :class:`~tabular.schema.TabularInputError`: an unreadable
 CSV, a column or value that cannot be used, in the training table or in the holdout, which is checked
-against the schema before training by :func:`~tabular.schema.check_holdout`), one line naming it; 3 non-finite loss (core engine); any
-other exception, a ``ValueError`` from a bug included, keeps its traceback.
+against the schema before training by :func:`~tabular.schema.check_holdout`), one line naming it; 3
+non-finite loss (core engine); 4 a checkpoint that cannot be resumed (``CheckpointError``), one line naming
+it; any other exception, a ``ValueError`` from a bug included, keeps its traceback.
 
 The run directory gets ``model/`` (safetensors + schema JSON), ``synthetic.csv`` (CDTD),
 ``copula.csv`` (baseline), ``report.json`` (:func:`tabular.metrics.fidelity_report` plus timings and
@@ -23,6 +31,7 @@ and ``marginals.png`` / ``correlation_diff.png``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -35,12 +44,12 @@ import torch
 from omegaconf import DictConfig
 
 from core.engine.checkpoint import atomic_write
-from core.engine.config import register_schema
+from core.engine.config import ConfigError, TrainerConfig, register_schema
 from core.engine.run import hydra_entry, prepare
 
 from .api import TabularDiffusion
 from .baseline import GaussianCopula
-from .data import DATASETS, load_csv, load_dataset, split_frame
+from .data import DATASETS, load_csv, load_dataset, split_frame, write_csv
 from .metrics import fidelity_report, plot_report
 from .model import CDTDConfig, check_sampler
 from .schema import TabularInputError, check_holdout, infer_schema
@@ -139,9 +148,43 @@ def load_tables(cfg: TabularDataConfig) -> tuple[pd.DataFrame, pd.DataFrame, str
     return train, test, target, task, cats
 
 
+# The core TrainerConfig keys CDTD's compact loop (tabular.api) honours. Every other key must keep its
+# TrainerConfig default: a value set for it would otherwise be ignored silently (see check_trainer).
+HONOURED_TRAINER_KEYS = ("seed", "steps", "batch_size", "lr", "weight_decay", "warmup_steps", "grad_clip",
+                         "ema_decays", "device", "progress", "out_dir", "resume", "ckpt_every", "keep_last",
+                         "stop_at")
+# Why some ignored keys cannot be honoured, said in the error (the others are simply not implemented)
+_FIXED = {"optimizer": "CDTD trains with AdamW", "betas": "CDTD's AdamW uses betas (0.9, 0.99)",
+          "schedule": "CDTD's schedule is linear warm-up then linear decay to 0",
+          "ema_warmup": "CDTD's EMA always warms up"}
+
+
+def check_trainer(t: TrainerConfig) -> None:
+    """Refuse, naming key and value, each trainer key CDTD's loop does not use that was set to something
+    other than its TrainerConfig default, and an ``ema_decays`` of more than one decay (CDTD keeps one EMA)."""
+    default = TrainerConfig()
+    ignored = [f.name for f in dataclasses.fields(TrainerConfig) if f.name not in HONOURED_TRAINER_KEYS]
+    bad = [k for k in ignored if _plain(getattr(t, k)) != _plain(getattr(default, k))]
+    if bad:
+        parts = [f"trainer.{k}={_plain(getattr(t, k))!r}" + (f" ({_FIXED[k]})" if k in _FIXED else "") for k in bad]
+        raise ConfigError(f"{', '.join(parts)}: not used by the tabular (CDTD) trainer, which honours only "
+                          f"{', '.join('trainer.' + k for k in HONOURED_TRAINER_KEYS)}; remove the override")
+    if len(t.ema_decays) > 1:
+        raise ConfigError(f"trainer.ema_decays={list(t.ema_decays)!r}: the tabular (CDTD) trainer keeps one EMA; "
+                          f"give one decay, or [] for none")
+
+
+def _plain(v):
+    return list(v) if isinstance(v, list | tuple) else v
+
+
 def run(model_cfg: CDTDConfig, data_cfg: TabularDataConfig, sampler_cfg: TabularSamplerConfig,
-        eval_cfg: TabularEvalConfig, fit_kwargs: dict, out_dir: Path) -> dict:
-    """Fit, sample, baseline, report; everything written into ``out_dir``. Returns the report."""
+        eval_cfg: TabularEvalConfig, fit_kwargs: dict, out_dir: Path, checkpoint: dict | None = None) -> dict:
+    """Fit, sample, baseline, report; everything written into ``out_dir``. Returns the report.
+
+    ``checkpoint``: the checkpoint arguments of :meth:`TabularDiffusion.fit` (``ckpt_every``,
+    ``keep_last``, ``resume``, ``stop_at``); the checkpoints go to ``out_dir/checkpoints``. A fit
+    stopped by ``stop_at`` writes nothing else and returns ``{"stopped_at": step, "checkpoint_dir": ...}``."""
     torch.set_num_threads(eval_cfg.threads)
     out_dir.mkdir(parents=True, exist_ok=True)
     train, test, target, task, cats = load_tables(data_cfg)
@@ -158,19 +201,22 @@ def run(model_cfg: CDTDConfig, data_cfg: TabularDataConfig, sampler_cfg: Tabular
                              sampler=sampler_cfg.name, sample_steps=sampler_cfg.steps,
                              calibration_rows=sampler_cfg.calibration_rows,
                              calibration_rounds=sampler_cfg.calibration_rounds)
-    model.fit(train, categorical=cats)
+    ckpt_dir = out_dir / "checkpoints"
+    model.fit(train, categorical=cats, **({"checkpoint_dir": ckpt_dir, **checkpoint} if checkpoint is not None else {}))
+    if model.stopped_at is not None:
+        return {"stopped_at": model.stopped_at, "checkpoint_dir": str(ckpt_dir)}
     model.save(out_dir / "model")
     t0 = time.perf_counter()
     synth = model.sample(n, seed=sampler_cfg.seed, batch_size=sampler_cfg.batch_size)
     sample_s = time.perf_counter() - t0
-    synth.to_csv(out_dir / "synthetic.csv", index=False)
+    write_csv(synth, out_dir / "synthetic.csv")
     synthetic = {"cdtd": synth}
     copula_s = None
     if eval_cfg.baseline:
         t0 = time.perf_counter()
         synthetic["gaussian_copula"] = GaussianCopula().fit(train, schema=model.schema).sample(n, seed=sampler_cfg.seed)
         copula_s = time.perf_counter() - t0
-        synthetic["gaussian_copula"].to_csv(out_dir / "copula.csv", index=False)
+        write_csv(synthetic["gaussian_copula"], out_dir / "copula.csv")
     report = fidelity_report(train, test, synthetic, model.schema, target, task, seed=eval_cfg.report_seed)
     report["holdout_check"] = holdout_check
     report["calibration"] = model.calibration and {k: model.calibration[k] for k in
@@ -203,13 +249,19 @@ def summary(report: dict) -> dict:
 def train(cfg: DictConfig) -> dict:
     ctx = prepare(cfg, groups=("model", "data", "sampler", "eval"))
     t = ctx.trainer
+    check_trainer(t)
     fit_kwargs = {"seed": t.seed, "steps": t.steps, "batch_size": t.batch_size, "lr": t.lr,
                   "weight_decay": t.weight_decay, "warmup_steps": t.warmup_steps, "grad_clip": t.grad_clip or 0.0,
                   "ema_decay": t.ema_decays[0] if t.ema_decays else 0.0,
                   "device": "cpu" if t.device == "auto" and not torch.cuda.is_available() else
                   ("cuda" if t.device == "auto" else t.device), "progress": t.progress}
+    checkpoint = {"ckpt_every": t.ckpt_every, "keep_last": t.keep_last, "resume": t.resume, "stop_at": t.stop_at}
     report = run(ctx.groups["model"], ctx.groups["data"], ctx.groups["sampler"], ctx.groups["eval"], fit_kwargs,
-                 Path(t.out_dir).resolve())
+                 Path(t.out_dir).resolve(), checkpoint)
+    if "stopped_at" in report:
+        print(f"stopped at step {report['stopped_at']} (trainer.stop_at) with a checkpoint in "
+              f"{report['checkpoint_dir']}; run again in the same trainer.out_dir to continue", flush=True)
+        return report
     print(json.dumps({"summary": summary(report), "timing": report["timing"]}, indent=1), flush=True)
     return report
 

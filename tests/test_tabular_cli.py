@@ -187,6 +187,9 @@ def test_cli_argument_errors_exit_2_naming_them(csv, tmp_path, capsys):
              (sample + ["--out", str(tmp_path / "s.csv"), "--condition", "nope=1"], ("unknown column 'nope'",)),
              (sample + ["--out", str(tmp_path / "s.csv"), "--condition", "b=w"], ("'b'", "'w'")),
              (sample + ["--out", str(tmp_path / "no" / "s.csv")], ("--out", "does not exist")),
+             (sample + ["--out", str(tmp_path)], ("--out", "is a directory")),
+             (sample + ["--out", str(tmp_path / "s.csv"), "--condition", "n=2.5"], ("'n'", "2.5", "not an integer")),
+             (sample + ["--out", str(tmp_path / "s.csv"), "--condition", "a=Infinity"], ("'a'", "infinite")),
              (["impute", "--model", str(model), "--input", str(tmp_path / "none.csv"), "--out",
                str(tmp_path / "f.csv")], ("none.csv", "does not exist"))]
     for argv, names in cases:
@@ -253,3 +256,65 @@ def test_cli_report_takes_a_synthetic_path_with_an_equals_sign(csv, tmp_path):
         out = tmp_path / f"rep_{name}"
         assert cli(base + ["--synthetic", item, "--out", str(out)]) == 0, item
         assert list(json.loads((out / "report.json").read_text())["models"]) == [name]
+
+
+def test_cli_outputs_are_checked_before_the_work(csv, tmp_path, capsys, monkeypatch):
+    """An output that cannot be written is named at once, not after a whole fit or report."""
+    import tabular.metrics
+
+    path, _ = csv
+    taken = tmp_path / "taken"
+    taken.write_text("a file the user keeps\n")
+
+    def never(*args, **kwargs):
+        raise AssertionError("the work started before the output was checked")
+
+    monkeypatch.setattr(TabularDiffusion, "_train", never)
+    monkeypatch.setattr(tabular.metrics, "fidelity_report", never)
+    for argv, names in ((["fit", str(path), "--model", str(taken), "--steps", "2"], ("--model", "existing file")),
+                        (["report", "--real", str(path), "--holdout", str(path), "--synthetic", str(path), "--out",
+                          str(taken)], ("--out", "existing file"))):
+        capsys.readouterr()
+        assert cli(argv) == 2, argv
+        err = _err(capsys)
+        for name in names:
+            assert name in err and str(taken) in err, (name, err)
+    assert taken.read_text() == "a file the user keeps\n"
+
+
+def test_cli_writes_atomically_and_refuses_a_model_of_two_saves(csv, tmp_path, capsys, monkeypatch):
+    """impute --out equal to --input: a write killed before its rename leaves the input as it was."""
+    import os
+    import shutil
+
+    path, df = csv
+    model = tmp_path / "m"
+    assert cli(["fit", str(path), "--model", str(model), "--steps", "2", "--batch-size", "64",
+                "--calibration-rows", "0"]) == 0
+    holes = df.iloc[:20].copy()
+    holes.loc[:5, "b"] = None
+    data = tmp_path / "data.csv"
+    holes.to_csv(data, index=False)
+    before = data.read_bytes()
+    real_replace = os.replace
+
+    def killed(src, dst):
+        raise KeyboardInterrupt  # the process dies with the new table written but not renamed
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        cli(["impute", "--model", str(model), "--input", str(data), "--out", str(data)])
+    with pytest.raises(KeyboardInterrupt):
+        cli(["sample", "--model", str(model), "-n", "5", "--out", str(data)])
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert data.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["data.csv", "m"]
+    assert cli(["impute", "--model", str(model), "--input", str(data), "--out", str(data)]) == 0
+    assert pd.read_csv(data)["b"].notna().all()
+    # weights of another save beside this tabular.json: named, exit 2
+    other = tmp_path / "other"
+    assert cli(["fit", str(path), "--model", str(other), "--steps", "2", "--batch-size", "64", "--seed", "1",
+                "--calibration-rows", "0"]) == 0
+    shutil.copy(other / "model.safetensors", model / "model.safetensors")
+    capsys.readouterr()
+    assert cli(["sample", "--model", str(model), "-n", "5", "--out", str(tmp_path / "s.csv")]) == 2
+    assert "different saves" in _err(capsys)

@@ -11,6 +11,7 @@ from tabular.api import TabularDiffusion
 from tabular.data import load_german
 from tabular.metrics import ks_statistic
 from tabular.model import CDTD, CDTDConfig, LogisticTimewarp
+from tabular.schema import TabularInputError
 
 TINY = dict(hidden=64, mlp_layers=2, emb_dim=8, batch_size=128, progress=False, sample_steps=12, calibration_rows=2000)
 
@@ -721,3 +722,61 @@ def test_loss_ignores_a_nan_placeholder_and_empty_known_arguments_may_be_left_ou
     assert torch.equal(xc[:, 0], torch.full((4,), 2))
     with pytest.raises(ValueError, match="give known_num"):
         m.sample_encoded(4, steps=3, known_mask=torch.ones(4, 3, dtype=torch.bool), known_num=torch.zeros(4, 2))
+
+
+def test_a_save_interrupted_between_its_two_files_is_refused_on_load(german_model, tmp_path, monkeypatch):
+    """Weights of one save beside the tabular.json of another (a save over a model killed between its
+    two renames) must not load as a model with a mismatched encoder."""
+    import os
+
+    from tabular.api import SavedModelError
+
+    m, df = german_model
+    m.save(tmp_path / "model")
+    other = TabularDiffusion(steps=3, warmup_steps=1, **TINY).fit(df)  # same shapes, other weights
+    real_replace = os.replace
+
+    def killed_before_json(src, dst):
+        if str(dst).endswith("tabular.json"):
+            raise KeyboardInterrupt  # the process dies after the weights' rename
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_before_json)
+    with pytest.raises(KeyboardInterrupt):
+        other.save(tmp_path / "model")
+    monkeypatch.setattr(os, "replace", real_replace)
+    with pytest.raises(SavedModelError, match="model.safetensors is not the weights file tabular.json was saved with"):
+        TabularDiffusion.load(tmp_path / "model")
+    other.save(tmp_path / "model")  # a complete save loads again
+    pd.testing.assert_frame_equal(TabularDiffusion.load(tmp_path / "model").sample(5, seed=0), other.sample(5, seed=0))
+
+
+def test_impute_checks_every_row_not_only_rows_with_a_hole():
+    df = pd.DataFrame({"a": np.linspace(0.0, 1.0, 60), "b": ["x", "y", "z"] * 20, "k": np.arange(60) % 7,
+                       "c": 5})
+    with pytest.warns(UserWarning, match="constant"):
+        m = TabularDiffusion(steps=2, warmup_steps=1, **{**TINY, "calibration_rows": 0}).fit(df)
+    for holes, msg in (({"a": [None, "oops", 0.5], "b": ["x", "y", "y"]}, "column 'a': value 'oops' is not a number"),
+                       ({"a": [None, 0.2, 0.5], "b": ["x", "y", "unseen"]}, "column 'b': category 'unseen' not seen"),
+                       ({"a": [None, np.inf, 0.5], "b": ["x", "y", "y"]}, "column 'a': value inf is infinite"),
+                       ({"a": [None, 0.2, 0.5], "b": ["x", "y", "y"], "c": [5, 5, 6]},
+                        "column 'c': value 6 differs from the constant 5")):
+        frame = pd.DataFrame({"k": [1, 2, 3], "c": 5, **holes}, dtype=object)[["a", "b", "k", "c"]]
+        with pytest.raises(TabularInputError, match=msg):
+            m.impute(frame)
+    ok = pd.DataFrame({"a": [None, 0.2, 0.5], "b": ["x", None, "z"], "k": [1, 2, 3], "c": [5, 5, None]})
+    filled = m.impute(ok)
+    assert filled.notna().all().all() and filled.loc[2, "b"] == "z" and (filled["c"] == 5).all()
+
+
+def test_sample_conditions_that_fit_would_refuse_are_refused():
+    df = pd.DataFrame({"a": np.linspace(0.0, 1.0, 60), "k": np.arange(60) % 7, "b": ["x", "y"] * 30})
+    m = TabularDiffusion(steps=2, warmup_steps=1, **{**TINY, "calibration_rows": 0}).fit(df)
+    for cond, msg in (({"a": float("inf")}, "column 'a': value inf is infinite"),
+                      ({"a": [0.5, -np.inf, 0.1]}, "column 'a': value -inf is infinite"),
+                      ({"k": 1.5}, "condition 'k': value 1.5 is not an integer"),
+                      ({"k": [1, 2, 2.5]}, "condition 'k': value 2.5 is not an integer")):
+        with pytest.raises(TabularInputError, match=msg):
+            m.sample(3, conditions=cond)
+    s = m.sample(3, conditions={"k": 2.0, "a": 0.5})  # an integral float is an integer
+    assert (s["k"] == 2).all() and (s["a"] == 0.5).all()

@@ -7,7 +7,7 @@ from scipy.special import ndtri
 from scipy.stats import kstest
 
 from tabular.data import DATASETS, QuantileNormal, TableEncoder, load_adult, load_diamonds, load_german
-from tabular.schema import MISSING, Schema, category_strings, infer_schema
+from tabular.schema import MISSING, Schema, TabularInputError, category_strings, infer_schema
 
 
 def mixed_frame(n=60, seed=0):
@@ -209,3 +209,21 @@ def test_object_columns_of_bools_and_ints_keep_their_type():
     assert big.tolist() == [1234567890123456789, 5, 1234567890123456789, 7]  # exact above 2**53
     code = restore_categories(schema["code"], np.array(["3", "7", "3.0"], dtype=object))  # '3.0': older spelling
     assert code.tolist() == [3, 7, 3]
+
+
+def test_dates_durations_and_lists_are_refused_naming_the_column():
+    import datetime
+
+    base = mixed_frame(5)
+    cases = [(pd.date_range("2020-01-01", periods=5), "holds dates, times or durations"),
+             (pd.date_range("2020-01-01", periods=5, tz="UTC"), "holds dates, times or durations"),
+             (pd.to_timedelta(range(5), unit="D"), "holds dates, times or durations"),
+             ([datetime.date(2020, 1, d) for d in range(1, 6)], "holds dates, times or durations"),
+             ([[1], [2], None, [3], [1]], r"value \[1\] is a list, not a single value")]
+    for values, msg in cases:
+        df = base.assign(when=values)
+        for kwargs in ({}, {"categorical": ["when"]}, {"numerical": ["when"]}):
+            with pytest.raises(TabularInputError, match=f"column 'when'.*{msg}|column 'when': {msg}"):
+                infer_schema(df, **kwargs)
+    with pytest.raises(TabularInputError, match="convert it to a number"):
+        infer_schema(base.assign(when=pd.date_range("2020-01-01", periods=5)))

@@ -213,3 +213,17 @@ def test_shipped_holdouts_pass_and_a_subsample_reports_unseen_countries():
     expected = test["native_country"].dropna()
     expected = expected[~expected.isin(countries)].value_counts().to_dict()
     assert expected and got["unseen_categories"]["native_country"] == expected
+
+
+def test_trainer_keys_cdtd_does_not_use_are_refused_at_start(monkeypatch, tmp_path, good_csv, capsys):
+    """A TrainerConfig key the compact CDTD loop ignores, set to anything but its default, exits 2 naming
+    key and value and the keys it honours, before any data is read; the honoured keys still run."""
+    cases = [(("trainer.grad_accum=2", "trainer.optimizer=sgd", "trainer.schedule=cosine", "trainer.precision=bf16"),
+              ("trainer.grad_accum=2", "trainer.optimizer='sgd'", "trainer.schedule='cosine'",
+               "trainer.precision='bf16'", "honours only", "trainer.lr")),
+             (("trainer.compile=true",), ("trainer.compile=True",)),
+             (("trainer.betas=[0.9,0.99]",), ("trainer.betas=[0.9, 0.99]", "(0.9, 0.99)")),
+             (("trainer.ema_decays=[0.9,0.99]",), ("trainer.ema_decays=[0.9, 0.99]", "one EMA"))]
+    for overrides, names in cases:
+        _assert_one_line_exit_2(monkeypatch, tmp_path, capsys, (f"data.path={good_csv}", *overrides), names)
+        assert not (tmp_path / "run" / "model").exists()
