@@ -35,41 +35,63 @@ from pathlib import Path
 
 import torch
 
-from core.engine.checkpoint import CheckpointError, atomic_write, list_checkpoints, load_checkpoint
+from core.engine.checkpoint import CheckpointError, atomic_write, list_checkpoints, load_checkpoint, state_dict_misfit
 from core.engine.config import ConfigError, to_schema, typed_group
 from core.engine.ema import decay_key
 
 from .official import load_official
 from .train import GDSSModel, GraphDataConfig, GraphModelConfig, GraphSamplerConfig, evaluate, load_data
 
-__all__ = ["load_run", "official_configs", "main"]
+__all__ = ["read_run", "load_run", "official_configs", "main"]
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "graph"
 
 
-def load_run(run: str | Path, ckpt: str | Path | None = None, ema: bool = False):
-    """``(model, data config, sampler config, checkpoint step)`` of a run directory; the model in eval mode
-    with the checkpoint's raw weights, or its first EMA shadow with ``ema=True``."""
+def read_run(run: str | Path) -> tuple[dict, GraphModelConfig, GraphDataConfig, GraphSamplerConfig]:
+    """``(run.json, model, data and sampler configs)`` of a ``graph.train`` run directory; ValueError saying
+    so when it is not one (no run.json, or another entry point's: text.train, image.train, ...)."""
     run = Path(run)
     info_path = run / "run.json"
     if not info_path.is_file():
         raise ValueError(f"{run} is not a graph.train run directory: {info_path} does not exist")
-    info = json.loads(info_path.read_text())
-    model_cfg = to_schema(info["model"], GraphModelConfig, "model")
-    data_cfg = to_schema(info["data"], GraphDataConfig, "data")
-    sampler = to_schema(info["sampler"], GraphSamplerConfig, "sampler")
+    try:
+        info = json.loads(info_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{info_path} is not readable: {e}") from None
+    missing = [k for k in ("model", "data", "sampler") if not isinstance(info, dict) or k not in info]
+    if missing:
+        raise ValueError(f"{run} is not a graph.train run: its run.json has no {missing}")
+    try:
+        configs = (to_schema(info["model"], GraphModelConfig, "model"), to_schema(info["data"], GraphDataConfig, "data"),
+                   to_schema(info["sampler"], GraphSamplerConfig, "sampler"))
+    except ConfigError as e:
+        raise ValueError(f"{run} is not a graph.train run: its run.json's settings are not GDSS's ({e})") from None
+    return (info, *configs)
+
+
+def load_run(run: str | Path, ckpt: str | Path | None = None, ema: bool = False):
+    """``(model, data config, sampler config, checkpoint step)`` of a run directory; the model in eval mode
+    with the checkpoint's raw weights, or its first EMA shadow with ``ema=True``. A checkpoint whose weights
+    do not fit the run's model (another run's, another domain's) is a CheckpointError naming it."""
+    run = Path(run)
+    _, model_cfg, data_cfg, sampler = read_run(run)
     if ckpt is None:
         found = list_checkpoints(run / "checkpoints")
         if not found:
             raise ValueError(f"{run / 'checkpoints'} holds no checkpoint")
         ckpt = found[-1][1]
     state = load_checkpoint(ckpt)
+    if not isinstance(state.get("model"), dict) or "step" not in state:
+        raise CheckpointError(f"{ckpt} holds no model weights and step: not a checkpoint of the engine's Trainer")
     weights = state["model"]
     if ema:
         if not state.get("ema"):
             raise CheckpointError(f"{ckpt} holds no EMA weights")
         weights = state["ema"]["shadows"][decay_key(state["ema"]["decays"][0])]  # the first decay, as the engine
     model = GDSSModel(model_cfg, data_cfg.max_node_num, data_cfg.max_feat_num)
+    misfit = state_dict_misfit(model.state_dict(), weights)
+    if misfit:  # load_state_dict's RuntimeError before: another run's model, another domain's checkpoint
+        raise CheckpointError(f"{ckpt} does not fit the model of {run}'s run.json (graph.train, GDSS): {misfit}")
     model.load_state_dict(weights, strict=True)
     return model.eval(), data_cfg, sampler, int(state["step"])
 
@@ -166,14 +188,13 @@ def main(argv: list[str] | None = None) -> dict:
     info: dict = {}
     if a.run is not None:
         # Weights first: the run's sampler says which (GDSS's community-small samples with the raw ones).
-        run_sampler = to_schema(json.loads((Path(a.run) / "run.json").read_text())["sampler"], GraphSamplerConfig,
-                                "sampler") if (Path(a.run) / "run.json").is_file() else None
-        use_ema = a.ema or (not a.raw and run_sampler is not None and run_sampler.use_ema)
         try:
+            _, run_model, _, run_sampler = read_run(a.run)
+            use_ema = a.ema or (not a.raw and run_sampler.use_ema)
             model, data_cfg, sampler, step = load_run(a.run, a.ckpt, ema=use_ema)
         except (ValueError, CheckpointError) as e:
             p.error(str(e))
-        num_scales = json.loads((Path(a.run) / "run.json").read_text())["model"]["sde_adj"]["num_scales"]
+        num_scales = run_model.sde_adj.num_scales
         out_dir = Path(a.run)
         info["checkpoint_step"] = step
     else:

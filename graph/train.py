@@ -178,6 +178,73 @@ class GraphDataConfig:
                 raise ValueError(f"{', '.join(changed)} applies to generic graphs, not to the molecule data set "
                                  f"{self.name!r}: set its split through data.options (seed, test_fraction, "
                                  "split_file; graph.molecules.load_molecule_dataset)")
+            self.validate_options()
+
+    def validate_options(self) -> None:
+        """A molecule set's ``data.options``: keyword parameters of ``graph.molecules.load_molecule_dataset``
+        (``name`` is data.name), the known ones of the right type and range, named files existing. Checked at
+        start: the loader meets them only after every SMILES was encoded (minutes for QM9)."""
+        import inspect
+
+        try:
+            from .molecules import load_molecule_dataset
+        except ImportError as e:
+            raise ValueError(f"data.name={self.name!r} reads molecules through graph.molecules, which does not "
+                             f"import: {e}") from None
+        opts = dict(self.options)
+        params = inspect.signature(load_molecule_dataset).parameters
+        if not any(q.kind == q.VAR_KEYWORD for q in params.values()):
+            known = sorted(n for n, q in params.items()
+                           if n != "name" and q.kind in (q.KEYWORD_ONLY, q.POSITIONAL_OR_KEYWORD))
+            unknown = sorted(set(opts) - set(known))
+            if unknown:
+                raise ValueError(f"data.options {unknown} are not options of graph.molecules.load_molecule_dataset; "
+                                 f"it takes {known} (the data set is data.name)")
+
+        def bad(key: str, rule: str) -> None:
+            raise ValueError(f"data.options.{key}={opts[key]!r} {rule}")
+
+        def integer(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def number(v) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        if "test_fraction" in opts and not (number(opts["test_fraction"]) and 0 < opts["test_fraction"] < 1):
+            bad("test_fraction", "must be a number in (0, 1)")
+        if "seed" in opts and not integer(opts["seed"]):
+            bad("seed", "must be an integer")
+        for key in ("limit", "max_atoms"):
+            if opts.get(key) is not None and not (integer(opts[key]) and opts[key] >= 1):
+                bad(key, "must be a positive integer or null")
+        if "progress" in opts and not isinstance(opts["progress"], bool):
+            bad("progress", "must be true or false")
+        atoms = opts.get("atoms")
+        if atoms is not None and (isinstance(atoms, str) or not isinstance(atoms, (list, tuple)) or not atoms
+                                  or not all(isinstance(a, str) and a for a in atoms) or len(set(atoms)) != len(atoms)):
+            bad("atoms", "must be a list of distinct element symbols, e.g. [C, N, O, F], or null")
+        if self.name == "file" and not opts.get("path"):
+            raise ValueError("data.name=file (data=smiles) needs data.options.path, the SMILES file to read")
+        if opts.get("path") is not None:
+            if self.name != "file":
+                bad("path", f"is for data.name=file (data=smiles, a SMILES file); {self.name!r} reads its own files")
+            if not Path(str(opts["path"])).is_file():
+                bad("path", "is not a file (data=smiles reads a SMILES file)")
+        if opts.get("split_file") is not None:
+            if self.name != "qm9":
+                bad("split_file", f"is for data.name=qm9 only, not {self.name!r}")
+            if not Path(str(opts["split_file"])).is_file():
+                bad("split_file", "is not a file (GDSS/MoFlow's valid_idx_qm9.json)")
+        if opts.get("cache_dir") is not None and Path(str(opts["cache_dir"])).exists() \
+                and not Path(str(opts["cache_dir"])).is_dir():
+            bad("cache_dir", "exists and is not a directory")
+        # sizes the options fix, against the data config's (they were compared only after the encoding)
+        if opts.get("max_atoms") is not None and self.max_node_num not in (None, opts["max_atoms"]):
+            bad("max_atoms", f"pads molecules to {opts['max_atoms']} atoms, but data.max_node_num="
+                             f"{self.max_node_num}: set them equal (or data.max_node_num=null)")
+        if atoms is not None and self.max_feat_num not in (None, len(atoms)):
+            bad("atoms", f"has {len(atoms)} elements, but data.max_feat_num={self.max_feat_num}: set them equal "
+                         "(or data.max_feat_num=null)")
 
 
 PREDICTORS = {"Euler": "euler_maruyama", "Reverse": "reverse_diffusion", "euler_maruyama": "euler_maruyama",

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["AutoencoderConfig", "KLAutoencoder", "LatentCodec", "load_codec", "load_diffusers_vae",
+__all__ = ["AutoencoderConfig", "KLAutoencoder", "LatentCodec", "inspect_codec", "load_codec", "load_diffusers_vae",
            "alignment_loss", "make_autoencoder_loss"]
 
 
@@ -242,6 +242,57 @@ def load_diffusers_vae(folder: str | Path, image_channels: int | None = None, de
         return out.mean(dim=1, keepdim=True) if ch == 1 and vae_channels != 1 else out
 
     return LatentCodec(enc, dec, s, shift, None, [vae])
+
+
+def inspect_codec(path: str | Path, kind: str = "auto") -> dict:
+    """What the codec folder ``path`` holds, read from its JSON alone (no weights loaded, nothing imported):
+    ``{"kind": "polydiff" | "diffusers", "image_channels": what it encodes (a diffusers VAE also takes gray
+    images), "latent_side": fn(image side) -> latent side}``. ``kind="auto"``: polydiff where there is a
+    ``codec.json``, else diffusers. Raises ValueError saying why the folder is not a usable codec (the
+    sentence follows its path)."""
+    import importlib.util
+
+    from core.engine.checkpoint import first_ema_export, list_checkpoints
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ValueError("is not a directory")
+    codec_json, config_json = folder / "codec.json", folder / "config.json"
+    if kind == "auto":
+        if not codec_json.is_file() and not config_json.is_file():
+            run = " (its run.json is a diffusion training run's)" if (folder / "run.json").is_file() else ""
+            raise ValueError(f"is neither a finished image.train_autoencoder run (no codec.json) nor a diffusers "
+                             f"AutoencoderKL folder (no config.json){run}")
+        kind = "polydiff" if codec_json.is_file() else "diffusers"
+    meta_path = codec_json if kind == "polydiff" else config_json
+    if not meta_path.is_file():
+        raise ValueError("has no codec.json: not a finished image.train_autoencoder run" if kind == "polydiff" else
+                         "holds no config.json: not a diffusers model folder")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"has an unreadable {meta_path.name}: {e}") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"has a {meta_path.name} that holds no settings (a JSON object)")
+    if kind == "polydiff":
+        missing = [k for k in ("ae", "image_channels", "image_size", "latent_shape", "scale") if k not in meta]
+        if missing:
+            raise ValueError(f"has a codec.json without {missing}: not written by image.train_autoencoder")
+        try:
+            AutoencoderConfig(**meta["ae"]).validate()
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"has a codec.json whose autoencoder settings do not build: {e}") from None
+        if first_ema_export(folder, meta.get("ema_decays")) is None and not list_checkpoints(folder / "checkpoints"):
+            raise ValueError("has a codec.json but no exported weights and no checkpoint")
+        return {"kind": kind, "image_channels": int(meta["image_channels"]),
+                "latent_side": lambda side: -(-side // 4)}  # two stride-2 stages of KLAutoencoder
+    if meta.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
+        raise ValueError(f"holds a config.json of a {meta['_class_name']!r}, not of a diffusers AutoencoderKL")
+    if importlib.util.find_spec("diffusers") is None:
+        raise ValueError("is a diffusers AutoencoderKL folder, but the diffusers package is not installed")
+    stages = len(meta.get("block_out_channels") or (64,))  # AutoencoderKL's default: one block, no downsampling
+    return {"kind": kind, "image_channels": int(meta.get("in_channels", 3)),
+            "latent_side": lambda side: side // 2 ** (stages - 1)}  # each Downsample2D halves, rounding down
 
 
 def load_codec(spec: dict, device="cpu") -> LatentCodec:

@@ -59,9 +59,11 @@ from torch import Tensor
 log = logging.getLogger("polydiff.image.data")
 
 __all__ = ["ImageSet", "load_images", "to_model_range", "from_model_range", "batches", "read_idx",
-           "DATASET_NAMES", "FASHION_MNIST_DIR", "FASHION_MNIST_CLASSES", "IMAGE_EXTENSIONS"]
+           "DATASET_NAMES", "NATIVE_SHAPES", "FASHION_MNIST_DIR", "FASHION_MNIST_CLASSES", "IMAGE_EXTENSIONS"]
 
 DATASET_NAMES = ("fashion_mnist", "mnist5k", "digits", "folder")
+# (channels, side) of the fixed-size sets as their files hold them (a folder's are known once read)
+NATIVE_SHAPES = {"fashion_mnist": (1, 28), "mnist5k": (1, 28), "digits": (1, 8)}
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
                          "Bag", "Ankle boot"]

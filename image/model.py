@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -132,6 +133,8 @@ class ImageModelConfig:
         for name in ("min_snr_gamma", "p2_k", "p2_gamma", "logit_std", "signal_scale"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
                 bad(name, "must be a positive number")
+        if not math.isfinite(self.logit_mean):  # checked whatever time_sampler is: a nan is a typo
+            bad("logit_mean", "must be a finite number")
         for name in ("direction_loss", "repa_weight"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 bad(name, "must be >= 0")
@@ -143,15 +146,25 @@ class ImageModelConfig:
                                   "its tokens would be a subset")
         if self.mask_ratio > 0 and self.side_interpolator_depth < 0:
             bad("side_interpolator_depth", "must be >= 0")
-        # the transformer checks mask/route/long-skip values and their combinations
+        # the transformer checks its values (mlp_ratio, class_dropout_prob, mask/route/long-skip and their
+        # combinations), named here by their model.* keys
         self.transformer_options()
+        # the loss's own builders, as make_loss calls them (a rule of theirs this method lacks still fails here)
+        try:
+            if self.kind == "sit" and self.time_sampler == "logit_normal":
+                get_time_sampler("logit_normal", m=self.logit_mean, s=self.logit_std)
+            _core_weighting(self)
+        except ValueError as e:
+            raise ValueError(f"model (time_sampler={self.time_sampler!r}, weighting={self.weighting!r}): {e}") from None
 
     @property
     def route_end_index(self) -> int:
         return self.depth - 1 if self.route_end == -1 else self.route_end
 
     def transformer_options(self) -> dict:
-        """Keyword arguments of :class:`image.dit.DiT` beyond the shapes (checked by TransformerConfig)."""
+        """Keyword arguments of :class:`image.dit.DiT` beyond the shapes and ``mlp_ratio`` /
+        ``class_dropout_prob``; all of them are checked here by the TransformerConfig the DiT builds, whose
+        errors name the ``model.*`` keys."""
         from core.nn.transformer import TransformerConfig
 
         opts = {"qk_norm": self.qk_norm, "long_skip": self.long_skip}
@@ -160,10 +173,21 @@ class ImageModelConfig:
         if self.route_ratio > 0:
             opts.update(route_ratio=self.route_ratio, route_start=self.route_start, route_end=self.route_end_index)
         try:
-            TransformerConfig(dim=self.hidden_size, depth=self.depth, num_heads=self.num_heads, **opts)
+            TransformerConfig(dim=self.hidden_size, depth=self.depth, num_heads=self.num_heads,
+                              mlp_ratio=self.mlp_ratio, class_dropout_prob=self.class_dropout_prob, **opts)
         except ValueError as e:
-            raise ValueError(f"model: {e}") from None
+            raise ValueError(_model_keys(str(e))) from None
         return opts
+
+
+# TransformerConfig fields whose model.* key has another name (route_end: the index, -1 resolved)
+_TRANSFORMER_KEYS = {"dim": "hidden_size"}
+
+
+def _model_keys(message: str) -> str:
+    """A TransformerConfig error with its field names as the ``model.*`` keys that set them."""
+    return re.sub(r"TransformerConfig\.(\w+)", lambda m: f"model.{_TRANSFORMER_KEYS.get(m.group(1), m.group(1))}",
+                  message)
 
 
 def dit_process(cfg: ImageModelConfig) -> DiscreteDDPM:

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from core.engine.checkpoint import atomic_write
 from core.guidance import GuidedDenoiser, cfg_net
 from core.predictions import as_denoiser
 from core.samplers import SAMPLERS, sample
@@ -87,6 +88,27 @@ def _weights(run: Path, file: Path | None, use_ema: bool, decays=None) -> dict[s
     return state["model"]
 
 
+RUN_KEYS = ("model", "input_size", "in_channels", "num_classes")
+
+
+def read_run_info(run: Path) -> dict:
+    """``run.json`` of an ``image.train`` run directory; ValueError saying so when it is another entry
+    point's run (text.train, graph.train, ...: other keys, other model settings)."""
+    try:
+        info = json.loads((run / "run.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{run}/run.json is not readable: {e}") from None
+    missing = [k for k in RUN_KEYS if not isinstance(info, dict) or k not in info]
+    if missing:
+        raise ValueError(f"{run} is not an image.train run: its run.json has no {missing}")
+    try:
+        config_from_dict(info["model"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{run} is not an image.train run: its run.json's model settings are not an image "
+                         f"model's ({e})") from None
+    return info
+
+
 def load_run(checkpoint_path: str | Path, use_ema: bool = True, device: str | torch.device = "cpu"):
     """``(model, info, codec)`` of a run: the :class:`ImageDiffusion` in eval mode, ``run.json`` and the
     latent codec (``None`` for a pixel-space run; else an object with ``decode(z) -> [-1, 1] images``).
@@ -97,7 +119,7 @@ def load_run(checkpoint_path: str | Path, use_ema: bool = True, device: str | to
     (recorded in run.json; the trainer's own default EMA), not the first export by file name.
     """
     run, file = _run_dir(checkpoint_path)
-    info = json.loads((run / "run.json").read_text())
+    info = read_run_info(run)
     cfg = config_from_dict(info["model"])
     model = ImageDiffusion(cfg, tuple(info["input_size"]), info["in_channels"], info["num_classes"],
                            encoder_dim=info.get("encoder_dim", 0))
@@ -105,7 +127,11 @@ def load_run(checkpoint_path: str | Path, use_ema: bool = True, device: str | to
     # EMA exports carry non-persistent buffers too (rebuilt tables): drop those
     persistent = set(model.state_dict())
     sd = {k: v for k, v in sd.items() if k in persistent or k not in dict(model.named_buffers())}
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # same names, other shapes: the weights of another model
+        raise ValueError(f"weights {str(file or run)!r} do not fit the model of {run}'s run.json: "
+                         f"{' '.join(str(e).split())}") from None
     if missing or unexpected:
         raise ValueError(f"weights of {run} do not fit its run.json: missing {missing}, unexpected {unexpected}")
     model.to(device).eval()
@@ -140,6 +166,39 @@ def check_nfe(sampler: str, nfe, what: str = "nfe") -> None:
                              f"set {what} to None (null in a config) instead of {nfe!r}")
     elif isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
         raise ValueError(f"sampler {sampler!r} needs an NFE budget: {what} must be a positive integer, got {nfe!r}")
+
+
+def check_budget(model: ImageDiffusion, sampler: str, nfe: int | None, what: str = "nfe") -> None:
+    """ValueError unless ``sampler`` can run on ``model`` within ``nfe`` (:func:`check_nfe`, then the
+    sampler's smallest cost on the model's path, or the DDPM's step count for ``ddpm``)."""
+    check_nfe(sampler, nfe, what)
+    if sampler == "ddpm":
+        if model.kind != "dit":
+            raise ValueError("sampler 'ddpm' needs a DiT model (kind=dit); use a core sampler for SiT")
+        if nfe > model.ddpm.num_timesteps:
+            raise ValueError(f"{what}={nfe} exceeds the {model.ddpm.num_timesteps} steps of the model's DDPM "
+                             "(sampler 'ddpm')")
+    elif nfe is not None:
+        from core.grids import lands_on_data
+
+        try:
+            steps_for_nfe(sampler, nfe, final_zero=lands_on_data(model.path, True))
+        except ValueError as e:
+            raise ValueError(f"{what}={nfe}: {e}") from None
+
+
+def check_options(sampler: str, options: dict, what: str = "sampler.options") -> None:
+    """ValueError naming the keys of ``options`` that ``sampler`` does not take (the keyword-only options of a
+    core sampler; ``ddpm`` takes none). ``what`` names them as the user gave them."""
+    if not options:
+        return
+    import inspect
+
+    params = {} if sampler == "ddpm" else inspect.signature(SAMPLERS[sampler].fn).parameters
+    allowed = sorted(n for n, q in params.items() if q.kind == q.KEYWORD_ONLY and n not in ("generator", "callback"))
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"{what} {unknown} are not options of sampler {sampler!r} (it takes {allowed or 'none'})")
 
 
 def guides(cfg_scale: float, interval=None, adaptive_gamma: float | None = None) -> bool:
@@ -321,22 +380,44 @@ def save_grid(images: Tensor, n_rows: int, path: str | Path) -> Path:
         r, c = divmod(i, cols)
         canvas[pad + r * (H + pad): pad + r * (H + pad) + H, pad + c * (W + pad): pad + c * (W + pad) + W] = arr[i]
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(canvas[..., 0] if C == 1 else canvas).save(path)
+    fmt = image_format(path)
+    img = Image.fromarray(canvas[..., 0] if C == 1 else canvas)
+    atomic_write(path, lambda f: img.save(f, format=fmt))  # a kill mid-write leaves the old grid, not half a PNG
     return path
 
 
+def image_format(path: str | Path) -> str:
+    """PIL's format for ``path``'s extension (``PNG`` for ``.png``); ValueError naming an unknown one."""
+    from PIL import Image
+
+    path = Path(path)
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"{str(path)!r} has no image file extension PIL writes ({path.suffix!r}); use .png")
+    return fmt
+
+
 def sampler_table(checkpoint_path, samplers: list[str], nfes: list[int], n_per_class: int, cfg_scale: float,
-                  seed: int = 0, out: str | Path | None = None, **kwargs) -> list[dict]:
+                  seed: int = 0, out: str | Path | None = None, *, model=None, **kwargs) -> list[dict]:
     """Distance vs NFE: ``image.evaluate.evaluate_samples`` of ``n_per_class`` samples per class for every
     sampler and NFE budget (same seed, so the same starting noise); an adaptive sampler (dopri5,
-    adaptive_sde) runs once, at its tolerances (``nfe_budget`` None). Rows go to ``out`` (CSV) if given."""
-    import csv
+    adaptive_sde) runs once, at its tolerances (``nfe_budget`` None). Sampler names and budgets are checked
+    before the first evaluation. Rows go to ``out`` (CSV, rewritten atomically after every row) if given.
+    ``model``: an already loaded ``(model, info, codec)``."""
     import time
 
     from .evaluate import evaluate_samples
 
-    loaded = load_run(checkpoint_path, kwargs.pop("use_ema", True))
+    for name in samplers:  # every name before the first (long) evaluation
+        if name != "ddpm" and name not in SAMPLERS:
+            raise ValueError(f"unknown sampler {name!r}; choose 'ddpm' or one of {sorted(SAMPLERS)}")
+        for nfe in [None] if is_adaptive(name) else nfes:
+            check_nfe(name, nfe)
+    loaded = model if model is not None else load_run(checkpoint_path, kwargs.pop("use_ema", True))
+    kwargs.pop("use_ema", None)
+    for name in samplers:  # budgets the model's path cannot run (e.g. heun below 3 NFE), also before any evaluation
+        for nfe in [None] if is_adaptive(name) else nfes:
+            check_budget(loaded[0], name, nfe)
     rows = []
     for name in samplers:
         for nfe in [None] if is_adaptive(name) else nfes:
@@ -353,15 +434,21 @@ def sampler_table(checkpoint_path, samplers: list[str], nfes: list[int], n_per_c
                    **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    if out is not None and rows:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        keys = list(dict.fromkeys(k for r in rows for k in r))
-        with open(out, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys)
-            w.writeheader()
-            w.writerows(rows)
+            if out is not None:  # after every row: the finished ones survive a later failure or a kill
+                write_csv(rows, out)
     return rows
+
+
+def write_csv(rows: list[dict], path: str | Path) -> Path:
+    """``rows`` as a CSV (the union of their keys as the header), written atomically."""
+    import csv
+    import io
+
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+    w.writeheader()
+    w.writerows(rows)
+    return atomic_write(path, lambda f: f.write(buf.getvalue().encode()))
 
 
 def default_nfe(sampler: str, nfe: int | None) -> int | None:
@@ -404,19 +491,85 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="a keyword option of the core sampler, e.g. rtol=1e-3 (dopri5), eps_rel=0.1 (adaptive_sde)")
     a = p.parse_args(argv)
-    options = parse_options(a.option)
-    a.nfe = default_nfe(a.sampler, a.nfe)
+    # Every flag is checked here, before the run loads and long before sampling, and named as typed.
+    try:
+        options = parse_options(a.option)
+    except ValueError as e:
+        p.error(str(e))
+    flag = "--table" if a.table else "--sampler"
+    names = [n.strip() for n in a.table.split(",")] if a.table else [a.sampler]
+    for name in names:
+        if name != "ddpm" and name not in SAMPLERS:
+            p.error(f"{flag}: {name!r} is not a sampler; choose 'ddpm' or one of {sorted(SAMPLERS)}")
     if a.table:
-        run, _ = _run_dir(a.run)
-        out = Path(a.out) if a.out else run / "sampler_table.csv"
-        sampler_table(a.run, a.table.split(","), [int(n) for n in a.nfe_list.split(",")], a.per_class, a.cfg_scale,
-                      a.seed, out, interval=a.interval, adaptive_gamma=a.adaptive_gamma, grid_kind=a.grid_kind,
-                      use_ema=not a.no_ema, **options)
-        return out
-    images, labels, info = generate(a.run, a.per_class, a.sampler, a.nfe, a.cfg_scale, a.seed,
-                                    interval=a.interval, adaptive_gamma=a.adaptive_gamma, use_ema=not a.no_ema,
-                                    grid_kind=a.grid_kind, return_info=True, **options)
+        if a.nfe is not None:
+            p.error("--nfe does not apply with --table: give the budgets as --nfe-list")
+        try:
+            nfes = [int(n) for n in a.nfe_list.split(",")]
+        except ValueError:
+            p.error(f"--nfe-list must be comma-separated integers, got {a.nfe_list!r}")
+        if any(n < 1 for n in nfes):
+            p.error(f"--nfe-list budgets must be >= 1, got {a.nfe_list!r}")
+    else:
+        a.nfe = default_nfe(a.sampler, a.nfe)
+        if is_adaptive(a.sampler) and a.nfe is not None:
+            p.error(f"--sampler {a.sampler} is adaptive: it takes no --nfe (its cost follows its tolerances, "
+                    "e.g. --option rtol=1e-3 for dopri5, --option eps_rel=0.1 for adaptive_sde)")
+        if a.nfe is not None and a.nfe < 1:
+            p.error(f"--nfe must be >= 1, got {a.nfe}")
+    if a.per_class < 1:
+        p.error(f"--per-class must be >= 1, got {a.per_class}")
+    if not (math.isfinite(a.cfg_scale) and a.cfg_scale >= 0):
+        p.error(f"--cfg-scale must be a finite number >= 0 (1: no guidance), got {a.cfg_scale}")
+    if a.interval is not None:
+        lo, hi = a.interval
+        if not (math.isfinite(lo) and math.isfinite(hi) and 0 <= lo < hi <= 1):
+            p.error(f"--interval T_LO T_HI must satisfy 0 <= T_LO < T_HI <= 1, got {lo:g} {hi:g}")
+    if a.adaptive_gamma is not None and not (math.isfinite(a.adaptive_gamma) and a.adaptive_gamma > 0):
+        p.error(f"--adaptive-gamma must be a finite number > 0, got {a.adaptive_gamma}")
+    from core.grids import GRIDS
+
+    if a.grid_kind is not None and a.grid_kind not in GRIDS:
+        p.error(f"--grid-kind {a.grid_kind!r} is not a grid; choose one of {sorted(GRIDS)}")
+    for name in names:
+        try:
+            check_options(name, options, "--option")
+        except ValueError as e:
+            p.error(str(e))
+    if a.out is not None:
+        if Path(a.out).is_dir():
+            p.error(f"--out {a.out!r} is a directory; give the path of the {'CSV' if a.table else 'PNG'} file to write")
+        if not a.table:
+            try:
+                image_format(a.out)
+            except ValueError as e:
+                p.error(f"--out {e}")
+    try:
+        loaded = load_run(a.run, not a.no_ema)
+    except ValueError as e:  # not an image.train run, weights that do not fit it, an unreadable checkpoint
+        p.error(f"--run {a.run!r}: {e}")
+    model = loaded[0]
+    if "ddpm" in names and model.kind != "dit":
+        p.error(f"{flag} ddpm needs a DiT run (model.kind=dit); {a.run!r} is a {model.kind!r} run: use a core sampler")
+    for name in names:
+        for nfe in [None] if is_adaptive(name) else (nfes if a.table else [a.nfe]):
+            try:
+                check_budget(model, name, nfe, "--nfe-list budget" if a.table else "--nfe")
+            except ValueError as e:
+                p.error(f"{flag} {name}: {e}")
+    try:
+        check_guidance(model, a.cfg_scale, a.interval, a.adaptive_gamma)
+    except ValueError as e:
+        p.error(f"--cfg-scale {a.cfg_scale:g} / --interval / --adaptive-gamma: {e}")
     run, _ = _run_dir(a.run)
+    if a.table:
+        out = Path(a.out) if a.out else run / "sampler_table.csv"
+        sampler_table(a.run, names, nfes, a.per_class, a.cfg_scale, a.seed, out, model=loaded, interval=a.interval,
+                      adaptive_gamma=a.adaptive_gamma, grid_kind=a.grid_kind, **options)
+        return out
+    images, labels, info = generate(a.run, a.per_class, a.sampler, a.nfe, a.cfg_scale, a.seed, model=loaded,
+                                    interval=a.interval, adaptive_gamma=a.adaptive_gamma,
+                                    grid_kind=a.grid_kind, return_info=True, **options)
     budget = "adaptive" if a.nfe is None else a.nfe
     out = Path(a.out) if a.out else run / "samples" / f"sample_{a.sampler}_nfe{budget}_cfg{a.cfg_scale:g}.png"
     n_rows = len(labels) // a.per_class

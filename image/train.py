@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ from core.engine.run import hydra_entry, prepare
 from core.engine.trainer import Trainer, seed_from
 
 from .data import DATASET_NAMES as DATASETS
+from .data import NATIVE_SHAPES
 from .model import ImageDiffusion, ImageModelConfig, make_loss
 
 log = logging.getLogger("polydiff.image")
@@ -71,8 +73,44 @@ class ImageDataConfig:
             raise ValueError(f"data.latent_kind must be auto, polydiff or diffusers, got {self.latent_kind!r}")
         if self.latent is not None and not Path(self.latent).is_dir():
             raise ValueError(f"data.latent is not a directory: {self.latent!r}")
-        if self.latent_scale is not None and not self.latent_scale > 0:
+        if self.latent_scale is not None and not (math.isfinite(self.latent_scale) and self.latent_scale > 0):
             raise ValueError(f"data.latent_scale must be > 0, got {self.latent_scale!r}")
+        codec = self.codec()
+        channels = self.image_shape()[0]
+        if codec is not None and channels is not None and channels != codec["image_channels"] \
+                and not (codec["kind"] == "diffusers" and channels == 1):  # a diffusers VAE takes gray images too
+            raise ValueError(f"data.latent={self.latent!r} encodes {codec['image_channels']}-channel images, but the "
+                             f"{self.name} images are {channels}-channel (data.channels={self.channels!r})")
+
+    def codec(self) -> dict | None:
+        """``image.autoencoder.inspect_codec`` of ``data.latent`` (None without one): ValueError naming
+        data.latent when it is not a usable codec (checked at start, before the images load)."""
+        if self.latent is None:
+            return None
+        from .autoencoder import inspect_codec
+
+        try:
+            return inspect_codec(self.latent, self.latent_kind)
+        except ValueError as e:
+            raise ValueError(f"data.latent={self.latent!r} (data.latent_kind={self.latent_kind}) {e}") from None
+
+    def image_shape(self) -> tuple[int | None, int | None]:
+        """``(channels, side)`` of the images as loaded, from the config alone (None: known once a folder is read)."""
+        native = NATIVE_SHAPES.get(self.name, (None, None))
+        return self.channels or native[0], self.image_size or native[1]
+
+    def input_side(self) -> tuple[int | None, str]:
+        """Side of the model's input (pixels, or the codec's latents) from the config alone, and where it
+        comes from, for messages; ``(None, ...)`` when only the loaded data tell (a folder without image_size)."""
+        side = self.image_shape()[1]
+        if side is None:
+            return None, f"the images of data.root={self.root!r}"
+        what = f"data.image_size={side}" if self.image_size is not None else f"the {self.name} images are {side}x{side}"
+        codec = self.codec()
+        if codec is None:
+            return side, what
+        lat = codec["latent_side"](side)
+        return lat, f"{what}, whose latents under data.latent are {lat}x{lat}"
 
     def latent_spec(self) -> dict | None:
         if self.latent is None:
@@ -98,11 +136,9 @@ class ImageSamplerConfig:
     eval_batch: int = 250
 
     def validate(self) -> None:
-        import inspect
-
         from core.samplers import SAMPLERS
 
-        from .sample import check_nfe
+        from .sample import check_nfe, check_options
 
         if self.sampler != "ddpm" and self.sampler not in SAMPLERS:
             raise ValueError(f"sampler.sampler must be 'ddpm' or one of {sorted(SAMPLERS)}, got {self.sampler!r}")
@@ -110,13 +146,7 @@ class ImageSamplerConfig:
         if self.per_class < 1 or self.eval_per_class < 0 or self.eval_batch < 1:
             raise ValueError(f"sampler.per_class, eval_batch must be >= 1 and eval_per_class >= 0, got "
                              f"{self.per_class}, {self.eval_batch}, {self.eval_per_class}")
-        if self.options:
-            params = {} if self.sampler == "ddpm" else inspect.signature(SAMPLERS[self.sampler].fn).parameters
-            allowed = sorted(n for n, q in params.items() if q.kind == q.KEYWORD_ONLY and n not in ("generator", "callback"))
-            unknown = sorted(set(self.options) - set(allowed))
-            if unknown:
-                raise ValueError(f"sampler.options {unknown} are not options of sampler {self.sampler!r} "
-                                 f"(it takes {allowed or 'none'})")
+        check_options(self.sampler, dict(self.options), "sampler.options")
         if not self.cfg_scale >= 0:
             raise ValueError(f"sampler.cfg_scale must be >= 0, got {self.cfg_scale!r}")
 
@@ -262,6 +292,17 @@ def _first_per_class(images, labels, k):
     return images[idx]
 
 
+def check_patch_size(model_cfg: ImageModelConfig, input_size: tuple[int, int], where: str) -> None:
+    """ConfigError unless ``model.patch_size`` divides the model's input ``input_size`` (``where`` says whence)."""
+    if any(n % model_cfg.patch_size for n in input_size):
+        from core.engine.config import ConfigError
+
+        divisors = [p for p in range(1, min(input_size) + 1) if all(n % p == 0 for n in input_size)]
+        raise ConfigError(f"model.patch_size={model_cfg.patch_size} does not divide the model's "
+                          f"{input_size[0]}x{input_size[1]} input ({where}): set model.patch_size to one of "
+                          f"{divisors} or change data.image_size")
+
+
 def train(cfg: DictConfig) -> dict:
     """Check ``cfg``, build data, model and loss, train with the engine, evaluate; returns the last metrics."""
     t_start = time.perf_counter()
@@ -279,9 +320,17 @@ def train(cfg: DictConfig) -> dict:
         raise ConfigError(f"sampler.cfg_scale={sampler_cfg.cfg_scale} (classifier-free guidance) needs the null class "
                           f"that label dropout trains, but model.class_dropout_prob={model_cfg.class_dropout_prob}: "
                           "set sampler.cfg_scale=1 or model.class_dropout_prob > 0")
+    side, where = data_cfg.input_side()
+    if side is not None:
+        check_patch_size(model_cfg, (side, side), where)
     out_dir = Path(ctx.trainer.out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors, info = prepare_data(data_cfg, need_pixels=model_cfg.repa_weight > 0)
+    if side is None:  # a folder's images at their own size: known only now
+        (h, w), (hi, wi) = info["input_size"], info["image_size"]
+        where = f"the images of data.root={data_cfg.root!r} are {hi}x{wi}" + (f", their latents {h}x{w}"
+                                                                                if info["latent"] else "")
+        check_patch_size(model_cfg, (h, w), where)
     encoder, enc_dim = None, 0
     if model_cfg.repa_weight > 0:
         encoder = default_encoder(data_cfg.name, data_cfg, model_cfg.repa_encoder)

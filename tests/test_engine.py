@@ -873,7 +873,7 @@ def test_resume_into_a_differently_shaped_model_is_a_config_error_naming_the_ten
     data = tiny_data()
     Trainer(tiny_model(), denoise_loss, data, make_cfg(tmp_path, steps=6)).fit(stop_at=4)
     wide = nn.Sequential(nn.Linear(4, 32), nn.SiLU(), nn.Dropout(0.1), nn.Linear(32, 3))
-    with pytest.raises(ConfigError, match=r"0.weight \(16, 4\) in the checkpoint, \(32, 4\) now.*another "
+    with pytest.raises(ConfigError, match=r"0.weight \(16, 4\) in the weights, \(32, 4\) in the model.*another "
                                           r"trainer.out_dir"):
         Trainer(wide, denoise_loss, data, make_cfg(tmp_path, steps=6)).fit()
     assert [s for s, _ in list_checkpoints(tmp_path / "checkpoints")] == [4]  # nothing set aside or lost

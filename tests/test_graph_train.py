@@ -105,6 +105,45 @@ def test_sample_cli_reproduces_the_run(full_run):
     assert ema["weights"] == "ema" and ema["nfe"] == 4 and ema["num_samples"] == 3
 
 
+def _sample_error(capsys, argv):
+    from graph.sample import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_sample_cli_names_another_runs_directory_or_checkpoint(full_run, tmp_path, capsys):
+    # a text / image run was a KeyError 'sampler', another model's checkpoint load_state_dict's RuntimeError
+    from core.engine.checkpoint import save_checkpoint
+
+    out, _ = full_run
+    text = tmp_path / "text_run"
+    text.mkdir()
+    (text / "run.json").write_text(json.dumps({"model": {"kind": "mdlm", "dim": 64}, "data": {"name": "files"},
+                                               "tokenizer": {"kind": "char"}}))
+    assert f"{text} is not a graph.train run: its run.json has no ['sampler']" in \
+        _sample_error(capsys, ["--run", str(text)])
+    image = tmp_path / "image_run"
+    image.mkdir()
+    (image / "run.json").write_text(json.dumps({"model": {"kind": "sit", "patch_size": 2}, "data": {"name": "digits"},
+                                                "sampler": {"sampler": "euler"}}))
+    assert f"{image} is not a graph.train run: its run.json's settings are not GDSS's" in \
+        _sample_error(capsys, ["--run", str(image)])
+    ckpt = save_checkpoint({"model": {"embed.weight": torch.zeros(5, 4)}, "step": 3}, tmp_path / "ckpt_00000003.pt")
+    msg = _sample_error(capsys, ["--run", str(out), "--ckpt", str(ckpt)])
+    assert f"{ckpt} does not fit the model of {out}'s run.json (graph.train, GDSS): missing " in msg
+    assert "unexpected 1 (['embed.weight'])" in msg
+    other = torch.load(out / "checkpoints" / "ckpt_00000006.pt", weights_only=True)
+    other["model"] = {k: v[..., :1] if v.ndim else v for k, v in other["model"].items()}  # same names, other shapes
+    ckpt = save_checkpoint(other, tmp_path / "ckpt_00000006.pt")
+    msg = _sample_error(capsys, ["--run", str(out), "--ckpt", str(ckpt)])
+    assert "does not fit the model of" in msg and "other shapes" in msg and "missing" not in msg
+    ckpt = save_checkpoint({"weights": {}}, tmp_path / "ckpt_00000007.pt")
+    assert "holds no model weights and step" in _sample_error(capsys, ["--run", str(out), "--ckpt", str(ckpt)])
+
+
 @pytest.mark.parametrize("overrides, match", [
     (("data.name=ego_small",), "cannot be downloaded"),
     (("data=ego_small",), "cannot be downloaded.*graph_file"),
@@ -126,6 +165,47 @@ def test_bad_configs_fail_at_start(tmp_path, overrides, match):
     with pytest.raises(ConfigError, match=match):
         run(tmp_path / "bad", *overrides)
     assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (("data=qm9", "+data.options.test_fracton=0.2"),
+     r"data.options \['test_fracton'\] are not options of graph.molecules.load_molecule_dataset; it takes \["),
+    (("data=qm9", "+data.options.name=moses"), r"data.options \['name'\] are not options.*data set is data.name"),
+    (("data=qm9", "+data.options.test_fraction=1.5"), r"data.options.test_fraction=1.5 must be a number in \(0, 1\)"),
+    (("data=qm9", "data.options.seed=abc"), r"data.options.seed='abc' must be an integer"),
+    (("data=qm9", "+data.options.limit=0"), r"data.options.limit=0 must be a positive integer or null"),
+    (("data=qm9", "+data.options.max_atoms=12"), r"data.options.max_atoms=12 pads molecules to 12 atoms, but "
+                                                 r"data.max_node_num=9"),
+    (("data=qm9", "+data.options.atoms=[C,N]"), r"data.options.atoms=\['C', 'N'\] has 2 elements, but "
+                                                r"data.max_feat_num=4"),
+    (("data=qm9", "+data.options.progress=maybe"), r"data.options.progress='maybe' must be true or false"),
+    (("data=qm9", "data.options.split_file=/nonexistent/valid_idx_qm9.json"),
+     r"data.options.split_file='/nonexistent/valid_idx_qm9.json' is not a file"),
+    (("data=moses", "+data.options.split_file=/nonexistent/v.json"), r"split_file=.* is for data.name=qm9 only"),
+    (("data=qm9", "+data.options.path=/nonexistent/my.smi"), r"data.options.path=.* is for data.name=file"),
+    (("data=smiles", "data.options.path=/nonexistent/my.smi"), r"data.options.path='/nonexistent/my.smi' is not a file"),
+])
+def test_molecule_options_fail_at_start(tmp_path, monkeypatch, overrides, match):
+    # they were checked by the loader: a TypeError / ValueError traceback, or after every SMILES was encoded
+    pytest.importorskip("rdkit")
+    import graph.sample  # noqa: F401  (imports the real loader before it is replaced here)
+    import graph.train
+
+    monkeypatch.setattr(graph.train, "load_data", lambda cfg: pytest.fail("the data were loaded before the check"))
+    with pytest.raises(ConfigError, match=match):
+        run(tmp_path / "bad", *overrides)
+
+
+def test_a_misspelt_molecule_option_exits_2(tmp_path):
+    pytest.importorskip("rdkit")
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-m", "graph.train", "data=qm9", "+data.options.test_fracton=0.2",
+                           f"trainer.out_dir={tmp_path / 'o'}", f"hydra.run.dir={tmp_path / 'h'}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "config error: data.options ['test_fracton'] are not options" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_graphs_from_a_file_train_with_the_files_split(tmp_path, monkeypatch):

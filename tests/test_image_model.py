@@ -306,6 +306,24 @@ def test_bad_model_configs_are_rejected(bad, match):
         small(**bad).validate()
 
 
+@pytest.mark.parametrize("bad, match", [
+    # the network's settings, named by their model.* keys (they failed in image/dit.py after the data loaded,
+    # as TransformerConfig.class_dropout_prob / mlp_ratio, or trained silently with zero-width MLPs)
+    (dict(class_dropout_prob=1.5), r"^model\.class_dropout_prob=1\.5: must be in \[0, 1\)"),
+    (dict(mlp_ratio=0.0), r"^model\.mlp_ratio=0\.0: must be a positive finite number"),
+    (dict(mlp_ratio=-1.0), r"^model\.mlp_ratio=-1\.0"),
+    (dict(mask_ratio=1.0), r"^model\.mask_ratio=1\.0: must be in \[0, 1\)"),
+    (dict(route_ratio=0.5, route_start=1, route_end=9), r"^model\.route_end=9"),
+    # the loss's settings (they failed in make_loss as "m must be a finite number, got nan")
+    (dict(logit_mean=float("nan")), r"^model\.logit_mean=nan: must be a finite number"),
+    (dict(logit_mean=float("nan"), time_sampler="uniform"), r"^model\.logit_mean=nan"),
+    (dict(logit_std=float("inf")), r"^model\.logit_std=inf"),
+])
+def test_network_and_loss_settings_are_checked_under_their_keys(bad, match):
+    with pytest.raises(ValueError, match=match):
+        small(**bad).validate()
+
+
 def test_repa_needs_an_encoder():
     with pytest.raises(ValueError, match="encoder"):
         make_loss(small(repa_weight=1.0))
@@ -463,6 +481,112 @@ def test_save_grid_layout(tmp_path):
     assert (arr[8:12, 8:12] == 200).all() and arr[2:6, 2:6].max() == 0
     with pytest.raises(ValueError, match="uint8"):
         save_grid(imgs.float(), 2, tmp_path / "x.png")
+
+
+def test_save_grid_is_atomic_and_names_a_bad_extension(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from image.sample import save_grid
+
+    imgs = torch.full((4, 1, 4, 4), 100, dtype=torch.uint8)
+    p = save_grid(imgs, 2, tmp_path / "g.png")
+    before = p.read_bytes()
+
+    def torn(self, fp, format=None, **kw):  # a failure half-way through the PNG
+        fp.write(b"\x89PNG half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Image.Image, "save", torn)
+    with pytest.raises(OSError, match="disk full"):
+        save_grid(imgs, 2, p)
+    assert p.read_bytes() == before and [f.name for f in tmp_path.iterdir()] == ["g.png"]
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match=r"'\.bogus'\); use \.png"):
+        save_grid(imgs, 2, tmp_path / "g.bogus")
+    assert not (tmp_path / "g.bogus").exists()
+
+
+def _cli_error(capsys, argv):
+    from image.sample import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_sample_cli_refuses_bad_flags_before_loading_or_sampling(tmp_path, capsys, monkeypatch):
+    import json
+
+    import image.sample
+
+    d, _ = _run(tmp_path, small(class_dropout_prob=0.1))
+    monkeypatch.setattr(image.sample, "generate", lambda *a, **k: pytest.fail("sampled despite a bad flag"))
+    cases = [
+        (["--per-class", "0"], "--per-class must be >= 1, got 0"),
+        (["--nfe", "0"], "--nfe must be >= 1, got 0"),
+        (["--cfg-scale", "-1"], "--cfg-scale must be a finite number >= 0 (1: no guidance), got -1.0"),
+        (["--interval", "0.9", "0.1"], "--interval T_LO T_HI must satisfy 0 <= T_LO < T_HI <= 1, got 0.9 0.1"),
+        (["--adaptive-gamma", "0"], "--adaptive-gamma must be a finite number > 0, got 0.0"),
+        (["--sampler", "bogus"], "--sampler: 'bogus' is not a sampler"),
+        (["--sampler", "dopri5", "--nfe", "5"], "--sampler dopri5 is adaptive: it takes no --nfe"),
+        (["--sampler", "ddpm"], "--sampler ddpm needs a DiT run (model.kind=dit)"),
+        (["--option", "rtol=1e-3"], "--option ['rtol'] are not options of sampler 'euler'"),
+        (["--grid-kind", "cosine"], "--grid-kind 'cosine' is not a grid"),
+        (["--out", str(tmp_path)], f"--out {str(tmp_path)!r} is a directory"),
+        (["--out", str(tmp_path / "grid.bogus")], "'.bogus'); use .png"),
+        (["--table", "euler,bogus"], "--table: 'bogus' is not a sampler"),
+        (["--table", "euler", "--nfe-list", "4,0"], "--nfe-list budgets must be >= 1"),
+        # below a sampler's smallest cost: failed mid-table, after the rows before it were evaluated
+        (["--sampler", "heun", "--nfe", "2"], "--sampler heun: --nfe=2: an NFE budget of 2 is below what sampler "
+                                              "'heun' needs (3)"),
+        (["--table", "euler,heun", "--nfe-list", "2"], "--table heun: --nfe-list budget=2"),
+    ]
+    for flags, message in cases:
+        assert message in _cli_error(capsys, ["--run", str(d), *flags]), flags
+    # another entry point's run (text.train: run.json with a model of other keys) is named as such
+    text = tmp_path / "text_run"
+    text.mkdir()
+    (text / "run.json").write_text(json.dumps({"model": {"kind": "mdlm", "dim": 64}, "tokenizer": {}}))
+    assert f"{text} is not an image.train run: its run.json has no ['input_size', 'in_channels', 'num_classes']" \
+        in _cli_error(capsys, ["--run", str(text)])
+    (text / "run.json").write_text(json.dumps({"model": {"kind": "mdlm", "dim": 64}, "input_size": [8, 8],
+                                               "in_channels": 1, "num_classes": 3}))
+    assert "is not an image.train run: its run.json's model settings are not an image model's" \
+        in _cli_error(capsys, ["--run", str(text)])
+    # weights of another shape under the run's names (load_state_dict's RuntimeError before)
+    other, _ = _run(tmp_path, small(class_dropout_prob=0.1, hidden_size=16), "other")
+    (other / "run.json").write_text((d / "run.json").read_text())
+    assert "do not fit the model of" in _cli_error(capsys, ["--run", str(other)])
+    unguided, _ = _run(tmp_path, small(), "unguided")
+    assert "no null class" in _cli_error(capsys, ["--run", str(unguided)])
+
+
+def test_sampler_table_checks_every_name_first_and_keeps_finished_rows(tmp_path, monkeypatch):
+    import csv
+    import sys
+    import types
+
+    from image.sample import sampler_table
+
+    calls = []
+
+    def fake_evaluate(images, labels, dataset_name, root=None, on_error=None):  # stands in for image.evaluate
+        calls.append(len(images))
+        if len(calls) == 3:
+            raise RuntimeError("the classifier failed")
+        return {"mean": float(images.float().mean())}
+
+    monkeypatch.setitem(sys.modules, "image.evaluate", types.SimpleNamespace(evaluate_samples=fake_evaluate))
+    d, _ = _run(tmp_path, small(class_dropout_prob=0.1))
+    with pytest.raises(ValueError, match="unknown sampler 'bogus'"):
+        sampler_table(d, ["euler", "bogus"], [3], 1, 2.0, out=tmp_path / "t.csv")
+    assert calls == [] and not (tmp_path / "t.csv").exists()  # euler was not evaluated first
+    with pytest.raises(RuntimeError, match="classifier failed"):
+        sampler_table(d, ["euler", "heun"], [3, 4], 1, 2.0, out=tmp_path / "t.csv")
+    with open(tmp_path / "t.csv") as f:  # the two rows finished before the failure are saved
+        assert [(r["sampler"], r["nfe_budget"]) for r in csv.DictReader(f)] == [("euler", "3"), ("euler", "4")]
+    assert [f.name for f in tmp_path.iterdir() if f.name.startswith("t.csv")] == ["t.csv"]
 
 
 # ------------------------------------------------------------------ autoencoders

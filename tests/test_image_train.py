@@ -115,19 +115,88 @@ def test_repa_with_a_user_torchscript_encoder(tmp_path):
     assert json.loads((out / "run.json").read_text())["encoder_dim"] == 5
 
 
+def _text_like_run(tmp_path):
+    """A folder that is some other training run's output (run.json, no codec.json / config.json)."""
+    d = tmp_path / "text_run"
+    d.mkdir()
+    (d / "run.json").write_text(json.dumps({"model": {"kind": "ar"}, "tokenizer": {}}))
+    return d
+
+
+def _unusable_codecs(tmp_path):
+    no_weights = tmp_path / "no_weights"
+    no_weights.mkdir()
+    (no_weights / "codec.json").write_text(json.dumps({"ae": {}, "image_channels": 1, "image_size": [8, 8],
+                                                        "latent_shape": [4, 2, 2], "scale": 1.0}))
+    rgb = tmp_path / "rgb"
+    rgb.mkdir()
+    (rgb / "codec.json").write_text(json.dumps({"ae": {}, "image_channels": 3, "image_size": [8, 8],
+                                                 "latent_shape": [4, 2, 2], "scale": 1.0}))
+    (rgb / "ema_0.999.safetensors").write_bytes(b"")
+    unet = tmp_path / "unet"
+    unet.mkdir()
+    (unet / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))
+    return no_weights, rgb, unet
+
+
 @pytest.mark.parametrize("overrides, match", [
     (("model.kind=edm",), "model.kind"),
     (("sampler.sampler=ddpm",), "ddpm"),
     (("data=folder",), "data"),
-    (("model.patch_size=3",), "divisible"),
     (("sampler.sampler=nope",), "sampler.sampler"),
+    # checked at start, before the data load, under their config keys (they were tracebacks after it)
+    (("model.patch_size=3",), r"model.patch_size=3 does not divide the model's 8x8 input \(the digits images are "
+                              r"8x8\): set model.patch_size to one of \[1, 2, 4, 8\]"),
+    (("data.image_size=9",), r"model.patch_size=2 does not divide the model's 9x9 input \(data.image_size=9\)"),
+    (("model.class_dropout_prob=1.5",), r"model.class_dropout_prob=1.5: must be in \[0, 1\)"),
+    (("model.mlp_ratio=0",), r"model.mlp_ratio=0.0: must be a positive finite number"),
+    (("model.logit_mean=nan",), r"model.logit_mean=nan: must be a finite number"),
+    (("model.logit_mean=nan", "model.time_sampler=uniform"), r"model.logit_mean=nan"),
+    (("data.latent={text_run}",), r"data.latent=.*text_run.* is neither a finished image.train_autoencoder run "
+                                  r"\(no codec.json\) nor a diffusers AutoencoderKL folder"),
+    (("data.latent={text_run}", "data.latent_kind=diffusers"), r"text_run.* holds no config.json"),
+    (("data.latent={no_weights}",), r"no_weights.* has a codec.json but no exported weights and no checkpoint"),
+    (("data.latent={rgb}",), r"rgb.* encodes 3-channel images, but the digits images are 1-channel"),
+    (("data.latent={unet}",), r"unet.* holds a config.json of a 'UNet2DModel', not of a diffusers AutoencoderKL"),
 ])
-def test_bad_configs_fail_at_start(tmp_path, overrides, match):
+def test_bad_configs_fail_at_start(tmp_path, monkeypatch, overrides, match):
+    import image.train
+    import image.train_autoencoder  # noqa: F401  (imports the real loader before it is replaced here)
     from core.engine.config import ConfigError
 
-    with pytest.raises((ConfigError, ValueError), match=match):
-        run(tmp_path / "bad", *overrides)
+    def no_data(*a, **k):
+        raise AssertionError("the data were loaded before the config was checked")
+
+    monkeypatch.setattr(image.train, "load_training_images", no_data)
+    no_weights, rgb, unet = _unusable_codecs(tmp_path)
+    paths = {"text_run": _text_like_run(tmp_path), "no_weights": no_weights, "rgb": rgb, "unet": unet}
+    with pytest.raises(ConfigError, match=match):
+        run(tmp_path / "bad", *(o.format(**paths) for o in overrides))
     assert not (tmp_path / "bad" / "checkpoints").exists() or not any((tmp_path / "bad" / "checkpoints").iterdir())
+
+
+def test_a_bad_model_setting_exits_2_naming_its_key(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "image.train", *TINY, f"trainer.out_dir={tmp_path / 'o'}",
+                           f"hydra.run.dir={tmp_path / 'h'}", "model.class_dropout_prob=1.5"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "config error: model.class_dropout_prob=1.5: must be in [0, 1)" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_folder_images_a_patch_size_does_not_divide_is_a_config_error(tmp_path):
+    from PIL import Image
+
+    from core.engine.config import ConfigError
+
+    for c in ("a", "b"):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for i in range(2):
+            Image.new("L", (6, 6), color=40 * i).save(tmp_path / "imgs" / c / f"{i}.png")
+    with pytest.raises(ConfigError, match=r"model.patch_size=4 does not divide the model's 6x6 input \(the images "
+                                          r"of data.root=.* are 6x6\)"):
+        run(tmp_path / "bad", "data=folder", f"data.root={tmp_path / 'imgs'}", "data.image_size=null",
+            "model.patch_size=4")
 
 
 def test_unknown_key_is_rejected_by_the_schema():

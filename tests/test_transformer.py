@@ -325,3 +325,18 @@ def test_config_validation():
         net(x, c, padding_mask=torch.ones(2, 6))
     with pytest.raises(ValueError, match="rope_axes"):
         TransformerConfig(dim=40, num_heads=4, rope_axes=3)  # head_dim 10 is not divisible by 6
+
+
+@pytest.mark.parametrize("ratio, match", [
+    (0, r"mlp_ratio=0: must be a positive finite number"),
+    (-1.0, r"mlp_ratio=-1.0: must be a positive finite number"),
+    (float("nan"), r"mlp_ratio=nan: must be a positive finite number"),
+    (float("inf"), r"mlp_ratio=inf: must be a positive finite number"),
+    (0.01, r"mlp_ratio=0.01: gives an MLP of int\(dim \* mlp_ratio\) = 0 hidden units"),
+])
+def test_mlp_ratio_is_validated(ratio, match):
+    # mlp_ratio=0 built zero-width MLPs that trained silently; a negative one failed deep in nn.Linear
+    with pytest.raises(ValueError, match=match):
+        TransformerConfig(dim=D, num_heads=H, mlp_ratio=ratio)
+    cfg = TransformerConfig(dim=D, num_heads=H, depth=1, mlp_ratio=0.5)
+    assert TokenTransformer(cfg).blocks[0].mlp.fc1.out_features == cfg.mlp_hidden == D // 2

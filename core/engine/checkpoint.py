@@ -171,6 +171,23 @@ def first_ema_shadow(state: dict, order=()) -> dict | None:
     return next(iter(shadows.values()))
 
 
+def state_dict_misfit(expected: dict, weights: dict, show: int = 3) -> str:
+    """How ``weights`` differ from a model's ``state_dict()`` ``expected``: the names missing, unexpected
+    and of other shapes (a few of each, with shapes), or ``''`` when they fit."""
+    def some(names, shapes=False):
+        names = sorted(names)
+        shown = [f"{k} {tuple(weights[k].shape)} in the weights, {tuple(expected[k].shape)} in the model"
+                 for k in names[:show]] if shapes else names[:show]
+        return f"{len(names)} ({'; '.join(shown) if shapes else shown}{' ...' if len(names) > show else ''})"
+
+    missing, unexpected = set(expected) - set(weights), set(weights) - set(expected)
+    shapes = {k for k in set(expected) & set(weights)
+              if tuple(getattr(weights[k], "shape", ())) != tuple(expected[k].shape)}
+    parts = [f"{what} {some(names, what == 'other shapes')}" for what, names in
+             (("missing", missing), ("unexpected", unexpected), ("other shapes", shapes)) if names]
+    return ", ".join(parts)
+
+
 def ema_order(run_dir: str | os.PathLike, decays=None) -> list[str]:
     """Decay keys (``"0.999"``) of a run's EMAs in ``trainer.ema_decays`` order, the first being the
     trainer's default EMA. ``decays``: the list a run recorded (its run.json); a run from before it was

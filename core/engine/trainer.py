@@ -67,6 +67,7 @@ from .checkpoint import (
     save_checkpoint,
     set_aside_checkpoints_after,
     set_rng_state,
+    state_dict_misfit,
 )
 from .config import ConfigError, TrainerConfig, resolve_device, to_schema, validate_trainer
 from .ema import EMA, decay_key
@@ -563,17 +564,9 @@ class Trainer:
         naming the tensors, before anything is loaded."""
         if self.fsdp or not isinstance(state.get("model"), dict):
             return  # FSDP holds shards; its loader reports a mismatch itself
-        own = self.raw_model.state_dict()
-        theirs = state["model"]
-        diffs = [f"{k} {tuple(theirs[k].shape)} in the checkpoint, {tuple(v.shape)} now" for k, v in own.items()
-                 if k in theirs and hasattr(theirs[k], "shape") and tuple(theirs[k].shape) != tuple(v.shape)]
-        missing = [k for k in own if k not in theirs]
-        extra = [k for k in theirs if k not in own]
-        if diffs or missing or extra:
-            parts = ([f"shapes differ: {'; '.join(diffs[:4])}{' ...' if len(diffs) > 4 else ''}"] if diffs else []) \
-                + ([f"missing from the checkpoint: {missing[:4]}"] if missing else []) \
-                + ([f"not in this model: {extra[:4]}"] if extra else [])
-            raise ConfigError(f"the weights of {path} do not fit the model this config builds ({', '.join(parts)}): "
+        misfit = state_dict_misfit(self.raw_model.state_dict(), state["model"])
+        if misfit:
+            raise ConfigError(f"the weights of {path} do not fit the model this config builds ({misfit}): "
                               "a setting that shapes the model (e.g. a data setting that changes the vocabulary "
                               "or the graph size) differs from the run's; resume with the run's settings or use "
                               "another trainer.out_dir")

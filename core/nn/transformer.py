@@ -28,6 +28,7 @@ built by ``TokenTransformer.condition``; the domain's head (e.g. ``FinalLayer``)
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -78,6 +79,11 @@ class TransformerConfig:
                 bad(name, "must be >= 1")
         if self.dim % self.num_heads:
             bad("dim", f"must be divisible by num_heads={self.num_heads}")
+        if not (math.isfinite(self.mlp_ratio) and self.mlp_ratio > 0):
+            bad("mlp_ratio", "must be a positive finite number")
+        if self.mlp_hidden < 1:
+            bad("mlp_ratio", f"gives an MLP of int(dim * mlp_ratio) = {self.mlp_hidden} hidden units "
+                             f"(dim={self.dim}); it must be >= 1")
         if self.qk_norm not in (None, "rms", "layer"):
             bad("qk_norm", "must be None, 'rms' or 'layer'")
         if self.rope_axes not in (0, 1, 2, 3):
@@ -99,6 +105,11 @@ class TransformerConfig:
     @property
     def head_dim(self) -> int:
         return self.dim // self.num_heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        """Hidden width of each block's MLP, ``int(dim * mlp_ratio)``."""
+        return int(self.dim * self.mlp_ratio)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -191,7 +202,7 @@ class DiTBlock(nn.Module):
         cross = cfg.context_dim > 0
         self.norm_cross = nn.LayerNorm(D, eps=cfg.norm_eps) if cross else None
         self.cross_attn = CrossAttention(D, cfg.context_dim, cfg.num_heads, cfg.qkv_bias, cfg.qk_norm) if cross else None
-        self.mlp = Mlp(D, int(D * cfg.mlp_ratio))
+        self.mlp = Mlp(D, cfg.mlp_hidden)
         # chunks: shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp
         self.modulation = nn.Linear(D, 6 * D)
 
