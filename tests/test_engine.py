@@ -659,10 +659,14 @@ def test_command_line_failures_are_clear(tmp_path):
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
         "key": subprocess.Popen(example_cmd(tmp_path / "b", "trainer.bach_size=8"), cwd=REPO, env=example_env(),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+        "type": subprocess.Popen(example_cmd(tmp_path / "c", "trainer.lr=abc"), cwd=REPO, env=example_env(),
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
     }
     out = {k: p.communicate(timeout=120) for k, p in procs.items()}
     assert procs["lr"].returncode == 2 and "trainer.lr must be > 0, got -1.0" in out["lr"][1]
-    assert procs["key"].returncode != 0 and "Key 'bach_size' not in 'TrainerConfig'" in out["key"][1]
+    # Hydra's own composition errors (a misspelt key, a value of the wrong type) are bad configs too: exit 2
+    assert procs["key"].returncode == 2 and "Key 'bach_size' not in 'TrainerConfig'" in out["key"][1]
+    assert procs["type"].returncode == 2 and "Value 'abc'" in out["type"][1] and "lr" in out["type"][1]
     assert not (tmp_path / "a" / "checkpoints").exists()
 
 

@@ -135,7 +135,10 @@ def hydra_entry(train_fn: Callable[[DictConfig], Any], config_dir: str | Path, c
     """
     import hydra
 
+    started = []
+
     def task(cfg: DictConfig) -> None:
+        started.append(True)
         with engine_main():
             try:
                 train_fn(cfg)
@@ -145,4 +148,18 @@ def hydra_entry(train_fn: Callable[[DictConfig], Any], config_dir: str | Path, c
     # Hydra names the job (and its log file) after the task's module: keep the domain's.
     task.__module__ = train_fn.__module__
     task.__name__ = task.__qualname__ = "main"
-    return hydra.main(version_base="1.3", config_path=str(Path(config_dir).resolve()), config_name=config_name)(task)
+    hydra_main = hydra.main(version_base="1.3", config_path=str(Path(config_dir).resolve()),
+                            config_name=config_name)(task)
+
+    def main() -> None:
+        try:
+            hydra_main()
+        except SystemExit as e:
+            # Hydra reports a config it cannot compose (a misspelt key, a value of the wrong type, an unknown
+            # group option) itself, naming the key, and exits 1 before the task starts: that is a bad config
+            if e.code == 1 and not started:
+                raise SystemExit(2) from None
+            raise
+
+    main.__module__, main.__doc__ = train_fn.__module__, task.__doc__
+    return main
