@@ -154,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--synthetic", required=True, action="append", help="NAME=path.csv or path.csv (a path that exists is taken whole, even with '=' in it), repeatable")
     r.add_argument("--holdout", required=True, help="real rows the generator did not see")
     r.add_argument("--target")
-    r.add_argument("--task", choices=["classification", "regression"])
+    r.add_argument("--task", choices=["classification", "regression"],
+                   help="with --target (default: classification for a categorical target, regression for a numerical one)")
     r.add_argument("--categorical", default="")
     r.add_argument("--baseline", action="store_true", help="add a Gaussian copula fitted on --real")
     r.add_argument("--out", required=True)
@@ -197,16 +198,15 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from .baseline import GaussianCopula
             from .metrics import fidelity_report, plot_report
-            from .schema import check_holdout, infer_schema
+            from .schema import check_holdout, infer_schema, infer_task
 
             out = Path(_output_dir(args.out, "--out"))
-            if args.target and not args.task:
-                raise UsageError("--target needs --task classification|regression")
             if args.task and not args.target:  # would be ignored: no ML-efficiency score at all
                 raise UsageError(f"--task {args.task} needs --target COLUMN")
             real, holdout = load_csv(args.real), load_csv(args.holdout)
             cats = [c for c in args.categorical.split(",") if c] or None
             schema = infer_schema(real, cats)
+            args.task = infer_task(schema, args.target, args.task)  # without --task: from the target's type
             # the holdout and the synthetic tables are scored against --real's schema: a typo or a
             # missing column is named here, not turned into NaN or a KeyError inside the metrics
             checks = {"holdout_check": check_holdout(schema, holdout, args.target, args.task,

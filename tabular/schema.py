@@ -327,6 +327,16 @@ def _is_number(v: str) -> bool:
     return True
 
 
+def infer_task(schema: Schema, target: str | None, task: str | None = None) -> str | None:
+    """``task`` if given, else the task the target's column type implies: ``"classification"`` for a
+    categorical target, ``"regression"`` for a numerical one (None without a target). A target that is
+    not a column or is constant is refused by :func:`check_holdout`, which should follow."""
+    if task is not None or target is None or target not in schema.names:
+        return task
+    kind = schema[target].kind
+    return {"categorical": "classification", "numerical": "regression"}.get(kind)
+
+
 def check_holdout(schema: Schema, df: pd.DataFrame, target: str | None = None, task: str | None = None, *,
                   where: str = "holdout") -> dict:
     """Check a table that is scored against a fitted ``schema`` but never trained on (the holdout of the

@@ -52,7 +52,7 @@ from .baseline import GaussianCopula
 from .data import DATASETS, load_csv, load_dataset, split_frame, write_csv
 from .metrics import fidelity_report, plot_report
 from .model import CDTDConfig, check_sampler
-from .schema import TabularInputError, check_holdout, infer_schema
+from .schema import TabularInputError, check_holdout, infer_schema, infer_task
 
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "tabular"
 
@@ -62,7 +62,7 @@ class TabularDataConfig:
     name: str = "adult"  # adult | german | diamonds | csv
     path: str | None = None  # name=csv
     target: str | None = None  # name=csv: column for ML efficiency (None: no ML efficiency)
-    task: str | None = None  # classification | regression (name=csv with a target)
+    task: str | None = None  # classification | regression (name=csv with a target); null: from the target's type
     categorical: list[str] = field(default_factory=list)  # name=csv: declared categorical columns
     test_fraction: float = 0.2  # name=csv (and german/diamonds use 0.2)
     split_seed: int = 0
@@ -75,8 +75,9 @@ class TabularDataConfig:
         if self.name == "csv":
             if not self.path or not Path(self.path).is_file():
                 raise ValueError(f"data.path must be an existing CSV file for data.name=csv, got {self.path!r}")
-            if self.target is not None and self.task not in ("classification", "regression"):
-                raise ValueError(f"data.task must be 'classification' or 'regression' with data.target, got {self.task!r}")
+            if self.task not in (None, "classification", "regression"):
+                raise ValueError(f"data.task must be 'classification' or 'regression' (or null: from the target's "
+                                 f"type), got {self.task!r}")
             if self.task is not None and self.target is None:
                 raise ValueError(f"data.task={self.task!r} needs data.target (the column to predict)")
         elif self.target is not None or self.task is not None or self.categorical:
@@ -194,6 +195,7 @@ def run(model_cfg: CDTDConfig, data_cfg: TabularDataConfig, sampler_cfg: Tabular
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         schema = infer_schema(train, cats)
+    task = infer_task(schema, target, task)  # a csv's categorical target: classification; numerical: regression
     holdout_check = check_holdout(schema, test, target, task)
     n = sampler_cfg.n_samples or len(train)
     model = TabularDiffusion(**asdict(model_cfg), **fit_kwargs, time_limit_s=eval_cfg.time_limit_s,

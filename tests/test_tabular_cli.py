@@ -154,8 +154,6 @@ def test_cli_report_checks_holdout_and_synthetic_against_the_schema(csv, tmp_pat
                "--task", "classification"], ("target 'b'", "'z'")),
              (["--holdout", str(tmp_path / "new.csv"), "--synthetic", str(tmp_path / "real.csv"), "--target", "nope",
                "--task", "regression"], ("'nope'",)),
-             (["--holdout", str(tmp_path / "new.csv"), "--synthetic", str(tmp_path / "real.csv"), "--target", "a"],
-              ("--target needs --task",)),
              (["--holdout", str(tmp_path / "new.csv"), "--synthetic", str(tmp_path / "real.csv"), "--task",
                "regression"], ("--task regression needs --target",)),
              (["--holdout", str(tmp_path / "none.csv"), "--synthetic", str(tmp_path / "real.csv")],
@@ -172,6 +170,10 @@ def test_cli_report_checks_holdout_and_synthetic_against_the_schema(csv, tmp_pat
                            "--target", "n", "--task", "regression"]) == 0
     rep = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert rep["holdout_check"]["unseen_categories"] == {"b": {"z": 4}}
+    for target, task in (("b", "classification"), ("n", "regression")):  # no --task: the target's type decides
+        assert cli(base[:-1] + [str(tmp_path / f"rep_{target}"), "--holdout", str(tmp_path / "real.csv"),
+                                "--synthetic", str(tmp_path / "real.csv"), "--target", target]) == 0
+        assert json.loads((tmp_path / f"rep_{target}" / "report.json").read_text())["task"] == task
     assert rep["synthetic_check"]["copy"]["unseen_categories"] == {}
     assert np.isfinite(rep["models"]["copy"]["mle"]["r2"])
 

@@ -780,3 +780,11 @@ def test_sample_conditions_that_fit_would_refuse_are_refused():
             m.sample(3, conditions=cond)
     s = m.sample(3, conditions={"k": 2.0, "a": 0.5})  # an integral float is an integer
     assert (s["k"] == 2).all() and (s["a"] == 0.5).all()
+
+
+def test_the_package_exports_the_api_as_the_readme_imports_it():
+    import tabular
+    from tabular.api import TabularDiffusion
+    from tabular.baseline import GaussianCopula
+
+    assert tabular.TabularDiffusion is TabularDiffusion and tabular.GaussianCopula is GaussianCopula

@@ -125,7 +125,9 @@ def test_a_typo_only_in_the_holdout_exits_2_naming_it(monkeypatch, tmp_path, cap
              ((f"data.path={tmp_path / 'label.csv'}", "data.target=b", "data.task=classification"),
               ("holdout", "'b'", "'z'")),
              ((f"data.path={tmp_path / 'label.csv'}", "data.target=b", "data.task=regression"),
-              ("'b'", "regression"))]
+              ("'b'", "regression")),
+             # no data.task: a categorical target means classification, so its unseen class is named too
+             ((f"data.path={tmp_path / 'label.csv'}", "data.target=b"), ("holdout", "'b'", "'z'"))]
     for overrides, names in cases:
         _assert_one_line_exit_2(monkeypatch, tmp_path, capsys, overrides, names)
         assert not (tmp_path / "run" / "model").exists()  # refused before any training
