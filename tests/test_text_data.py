@@ -171,3 +171,26 @@ def test_bpe_spec_is_relative_to_the_run_folder_and_fingerprint_is_content(tmp_p
     assert from_spec(old, root=tmp_path / "moved").path == str(tmp_path / "b" / "tokenizer.json")
     old["path"] = str(tmp_path / "a" / "tokenizer.json")  # no longer there
     assert from_spec(old, root=tmp_path / "moved").path == str(tmp_path / "moved" / "tokenizer.json")
+
+
+def test_train_bpe_writes_its_file_atomically(tmp_path, monkeypatch):
+    """tokenizer.json was saved in place: a failed write left a broken file instead of the old one."""
+    import os
+
+    pytest.importorskip("tokenizers")
+    from text.tokenizers import train_bpe
+
+    texts = ["the cat sat on the mat\n" * 20, "a dog ate the hat\n" * 20]
+    path = tmp_path / "tokenizer.json"
+    old = train_bpe(texts, 300, path, min_frequency=1)
+    before = path.read_bytes()
+
+    def failing_fsync(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(OSError, match="disk full"):
+        train_bpe(texts[:1], 270, path, min_frequency=1)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["tokenizer.json"]
+    monkeypatch.undo()
+    assert from_spec(old.spec()).fingerprint() == old.fingerprint()

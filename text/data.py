@@ -49,7 +49,10 @@ def _package_dir(module: str, pip_name: str) -> Path:
 
 def _read(path: Path) -> str:
     # Universal newlines: Windows line ends in a file must not become tokens.
-    return path.read_text(encoding="utf-8", errors="strict")
+    try:
+        return path.read_text(encoding="utf-8", errors="strict")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"text file {str(path)!r} is not UTF-8 ({e.reason} at byte {e.start})") from None
 
 
 def shakespeare_documents() -> dict[str, str]:

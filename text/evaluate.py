@@ -18,9 +18,10 @@ import argparse
 import json
 import math
 import time
-from pathlib import Path
 
 import torch
+
+from core.engine.checkpoint import atomic_write
 
 from .data import chunk_tokens, encode_documents, load_corpus, split_documents
 from .metrics import (
@@ -31,7 +32,10 @@ from .metrics import (
     sampling_speed,
     unigram_entropy,
 )
-from .sample import load_run, sample_ar, sample_diffusion
+from .sample import check_out_file, load_run, positive_int, read_run_info, sample_ar, sample_diffusion
+
+# the model.kind (run.json) each run flag takes; --scorer is an AR run too
+RUN_FLAGS = {"--ar": "ar", "--sedd": "sedd", "--radd": "radd", "--difformer": "difformer", "--scorer": "ar"}
 
 
 def validation_chunks(info: dict, tokenizer) -> torch.Tensor:
@@ -41,22 +45,52 @@ def validation_chunks(info: dict, tokenizer) -> torch.Tensor:
     return chunk_tokens(encode_documents(tokenizer, [docs[n] for n in val], tokenizer.encode("\n\n")), d["seq_len"])
 
 
+def speed_steps(text: str) -> list[int]:
+    """argparse ``type`` of ``--speed-steps``: comma-separated ints >= 1 (empty: no speed measurement)."""
+    parts = [t.strip() for t in text.split(",") if t.strip()]
+    try:
+        steps = [int(t) for t in parts]
+    except ValueError:
+        steps = []
+    if len(steps) != len(parts) or any(n < 1 for n in steps):
+        raise argparse.ArgumentTypeError(f"must be comma-separated ints >= 1 (e.g. 32,128), got {text!r}")
+    return steps
+
+
+def check_runs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every run flag names a ``text.train`` run of the model kind of the flag (``parser.error`` otherwise)."""
+    for flag, kind in RUN_FLAGS.items():
+        run = getattr(args, flag[2:])
+        if run is None:
+            continue
+        try:
+            got = read_run_info(run)["model"]["kind"]
+        except ValueError as e:
+            parser.error(f"{flag}: {e}")
+        if got != kind:
+            hint = f"; give it as --{got}" if flag != "--scorer" and f"--{got}" in RUN_FLAGS else ""
+            parser.error(f"{flag} {run!r} is a run of model.kind={got!r} (its run.json), but {flag} takes one of "
+                         f"model.kind={kind!r}{hint}")
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m text.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--sedd"), p.add_argument("--radd"), p.add_argument("--ar", required=True)
     p.add_argument("--difformer", help="embedding diffusion run (VDM bound, samples)")
     p.add_argument("--step", type=int, default=None, help="evaluate the EMA of this checkpoint step in every run")
-    p.add_argument("--val-chunks", type=int, default=256, help="validation chunks (evenly spaced) to score")
-    p.add_argument("--bound-samples", type=int, default=4, help="stratified times per chunk in the ELBO estimate")
-    p.add_argument("--num-samples", type=int, default=16)
-    p.add_argument("--steps", type=int, default=128)
-    p.add_argument("--speed-steps", default="32,128,1024")
+    p.add_argument("--val-chunks", type=positive_int, default=256, help="validation chunks (evenly spaced) to score")
+    p.add_argument("--bound-samples", type=positive_int, default=4,
+                   help="stratified times per chunk in the ELBO estimate")
+    p.add_argument("--num-samples", type=positive_int, default=16)
+    p.add_argument("--steps", type=positive_int, default=128)
+    p.add_argument("--speed-steps", type=speed_steps, default="32,128,1024",
+                   help="diffusion steps of the speed measurement, comma-separated ('' skips it)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scorer", default=None,
                    help="an AR run that scores the samples (generative perplexity) instead of the --ar baseline: "
                         "an independent scorer, as SEDD scores with GPT-2 large; its own final (EMA) weights")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"), help="auto: cuda when available")
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", default=None, help="JSON file to write the results to (its folder must exist)")
     a = p.parse_args(argv)
     from core.engine.config import ConfigError, resolve_device
 
@@ -64,6 +98,9 @@ def main(argv: list[str] | None = None) -> dict:
         dev = resolve_device(a.device)
     except ConfigError:
         p.error(f"--device {a.device!r}: CUDA is not available")
+    # everything the flags can get wrong is refused here, before the runs are evaluated
+    out = None if a.out is None else check_out_file(p, "--out", a.out)
+    check_runs(p, a)
 
     def gen() -> torch.Generator:  # every draw on the models' device, from the same seed
         return torch.Generator(dev).manual_seed(a.seed)
@@ -124,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
                             "entropy_rel_diff": abs(ent - data_entropy) / data_entropy,
                             "sample": tok.decode(xs[0].tolist())}
     res["ar"]["entropy_rel_diff"] = abs(res["ar"]["sample_entropy"] - data_entropy) / data_entropy
-    steps_list = [int(s) for s in a.speed_steps.split(",") if s]
+    steps_list = a.speed_steps
     speed = {}
     n = 4
     for name, run, kw in (("radd_cached", a.radd, {"cache": True}), ("radd_uncached", a.radd, {"cache": False}),
@@ -137,9 +174,9 @@ def main(argv: list[str] | None = None) -> dict:
         print(name, [(r["steps"], round(r["samples_per_s"], 3)) for r in speed[name]], flush=True)
     res["speed"] = speed
     text = json.dumps(res, indent=1)
-    if a.out:
-        Path(a.out).write_text(text + "\n")
-    print(text)
+    print(text, flush=True)  # first: the results are on stdout whatever happens to the file
+    if out is not None:
+        atomic_write(out, lambda f: f.write((text + "\n").encode()))
     return res
 
 

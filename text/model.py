@@ -72,6 +72,10 @@ class TextModelConfig:
             raise ValueError(f"model.kind must be one of {list(KINDS)}, got {self.kind!r}")
         if self.loss not in ("tdce", "lambda"):
             raise ValueError(f"model.loss must be 'tdce' or 'lambda', got {self.loss!r}")
+        if self.loss != "tdce" and self.kind != "radd":
+            # only RADD chooses its loss; the other kinds would train on with theirs, ignoring it
+            raise ValueError(f"model.loss={self.loss!r} applies to model.kind=radd only; model.kind={self.kind!r} "
+                             "does not use it (leave model.loss at 'tdce')")
         for name in ("dim", "depth", "num_heads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)!r}")

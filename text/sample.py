@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -29,11 +30,12 @@ import torch
 from torch import Tensor
 
 from core.discrete import infill_condition, sample_absorbing, sample_analytic
+from core.engine.checkpoint import atomic_write
 
-from .model import TextModel, TextModelConfig
+from .model import KINDS, TextModel, TextModelConfig
 from .tokenizers import from_spec
 
-__all__ = ["sample_diffusion", "sample_ar", "load_run", "main"]
+__all__ = ["sample_diffusion", "sample_ar", "load_run", "read_run_info", "main"]
 
 DEFAULT_PREFIX = "ROMEO.\n"  # the prompt of python -m text.sample when --prefix is not given
 
@@ -136,6 +138,29 @@ def _ema_state(ckpt: dict, order: list[str]) -> dict:
     return ckpt["model"] if shadow is None else shadow
 
 
+def read_run_info(run_dir: str | Path) -> dict:
+    """The ``run.json`` of a ``text.train`` run; ``ValueError`` naming ``run_dir`` when it is none.
+
+    ``text.train`` records the tokenizer, the vocabulary size and a ``model.kind`` of
+    :data:`~text.model.KINDS`; another domain's run (e.g. ``image.train``) lacks them.
+    """
+    info_path = Path(run_dir) / "run.json"
+    if not info_path.is_file():
+        raise ValueError(f"{str(run_dir)!r} is not a text.train run (no run.json)")
+    try:
+        info = json.loads(info_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{str(info_path)!r} cannot be read: {e}") from None
+    model = info.get("model") if isinstance(info, dict) else None
+    kind = model.get("kind") if isinstance(model, dict) else None
+    missing = [k for k in ("tokenizer", "vocab_size", "data") if not isinstance(info, dict) or k not in info]
+    if kind not in KINDS or missing:
+        raise ValueError(f"{str(run_dir)!r} is not a text.train run: its run.json has model.kind={kind!r} (text "
+                         f"models: {list(KINDS)})" + (f" and no {', '.join(missing)}" if missing else "")
+                         + "; is it another domain's run?")
+    return info
+
+
 def load_run(run_dir: str | Path, device: str = "cpu", step: int | None = None) -> tuple[TextModel, object, dict]:
     """``(model in eval mode, tokenizer, run.json dict)`` of a ``text.train`` output directory.
 
@@ -149,10 +174,7 @@ def load_run(run_dir: str | Path, device: str = "cpu", step: int | None = None) 
     from core.engine.ema import decay_key
 
     run_dir = Path(run_dir)
-    info_path = run_dir / "run.json"
-    if not info_path.is_file():
-        raise ValueError(f"{str(run_dir)!r} is not a text.train run (no run.json)")
-    info = json.loads(info_path.read_text())
+    info = read_run_info(run_dir)
     model = TextModel(TextModelConfig(**info["model"]), info["vocab_size"])
     order = [decay_key(d) for d in info.get("ema_decays") or []]
     export = first_ema_export(run_dir, info.get("ema_decays")) if step is None else None
@@ -184,22 +206,71 @@ def _fmt(tokenizer, ids: Tensor) -> str:
     return tokenizer.decode(ids.tolist())
 
 
+def positive_int(text: str) -> int:
+    """argparse ``type``: an int >= 1 (the error names the value; argparse adds the flag)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse ``type``: a finite float > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
+    return value
+
+
+def check_out_file(parser: argparse.ArgumentParser, flag: str, path: str | Path, create_parent: bool = False) -> Path:
+    """``path`` as a file to write later, checked now (``parser.error``, exit 2) before any work is done:
+    not a directory, and its folder exists (``create_parent``: is created) and is writable."""
+    path = Path(path)
+    if path.is_dir():
+        parser.error(f"{flag} {str(path)!r} is a directory; give a file path")
+    parent = path.parent
+    if create_parent:
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            parser.error(f"{flag} {str(path)!r}: cannot create its folder ({e})")
+    if not parent.is_dir():
+        parser.error(f"{flag} {str(path)!r}: the folder {str(parent)!r} does not exist")
+    if not os.access(parent, os.W_OK):
+        parser.error(f"{flag} {str(path)!r}: the folder {str(parent)!r} is not writable")
+    return path
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m text.sample", description=__doc__.split("\n\n")[0])
     p.add_argument("--run", required=True, help="output directory of python -m text.train")
     p.add_argument("--out", default=None, help="text file to write (default: <run>/samples.txt)")
-    p.add_argument("--num", type=int, default=4)
-    p.add_argument("--length", type=int, default=None, help="tokens per sample (default: the run's seq_len)")
-    p.add_argument("--steps", type=int, default=128, help="diffusion steps")
-    p.add_argument("--temperature", type=float, default=1.0, help="AR sampling temperature")
+    p.add_argument("--num", type=positive_int, default=4)
+    p.add_argument("--length", type=positive_int, default=None, help="tokens per sample (default: the run's seq_len)")
+    p.add_argument("--steps", type=positive_int, default=128, help="diffusion steps")
+    p.add_argument("--temperature", type=positive_float, default=1.0, help="AR sampling temperature")
     p.add_argument("--prefix", default=None,
                    help=f"prompt text for the prefix-conditioned sample (default {DEFAULT_PREFIX!r}; skipped with "
                         "a warning when the run's tokenizer cannot encode it)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     a = p.parse_args(argv)
-    model, tok, info = load_run(a.run, a.device)
-    L = a.length or info["data"]["seq_len"]
+    try:
+        read_run_info(a.run)
+    except ValueError as e:
+        p.error(f"--run: {e}")
+    out = check_out_file(p, "--out", a.out if a.out else Path(a.run) / "samples.txt", create_parent=True)
+    try:
+        model, tok, info = load_run(a.run, a.device)
+    except ValueError as e:  # no weights, or weights of another model config
+        p.error(f"--run: {e}")
+    L = a.length if a.length is not None else info["data"]["seq_len"]
     g = torch.Generator(device=a.device).manual_seed(a.seed)
     lines = [f"# {model.kind} samples from {a.run} (length {L}, "
              + (f"temperature {a.temperature})" if model.kind == "ar" else f"{a.steps} steps)")]
@@ -235,9 +306,8 @@ def main(argv: list[str] | None = None) -> None:
                   "\n### original\n", _fmt(tok, val), "\n### given (middle blanked as '_')\n",
                   _fmt(tok, val[:q]) + "_" * (len(val) - 2 * q) + _fmt(tok, val[-q:]),
                   "\n### infilled\n", _fmt(tok, xi[0])]
-    out = Path(a.out) if a.out else Path(a.run) / "samples.txt"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
+    body = "\n".join(lines) + "\n"
+    atomic_write(out, lambda f: f.write(body.encode("utf-8")))  # an interrupted write keeps the old file
     print(f"wrote {out}")
 
 

@@ -197,6 +197,8 @@ def train_bpe(texts: Sequence[str], vocab_size: int, path: str | os.PathLike, mi
     """Train a byte-level BPE (GPT-2's scheme) of ``vocab_size`` ids on ``texts``; save it to ``path``.
 
     Byte-level pre-tokenisation means any string round-trips, whatever the training text held.
+    The file is written atomically (a temporary file renamed to ``path``): an interrupted run never
+    leaves a truncated ``tokenizer.json``.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -208,9 +210,10 @@ def train_bpe(texts: Sequence[str], vocab_size: int, path: str | os.PathLike, mi
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer=trainer)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tok.save(str(path))
+    from core.engine.checkpoint import atomic_write
+
+    text = tok.to_str(pretty=True)  # what Tokenizer.save writes
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
     return BPETokenizer(str(path))
 
 

@@ -13,7 +13,10 @@ a comparison at equal steps changes only ``model=``.
 The run directory gets ``run.json`` (model and data settings, tokenizer spec, vocabulary size, the
 EMA decays in their configured order), ``val_chunk.pt`` (one validation chunk, for the infilling
 example of ``text.sample``) and, with ``data.tokenizer=bpe``, the trained ``tokenizer.json`` (named
-in ``run.json`` relative to the run directory, so the directory can be moved or copied).
+in ``run.json`` relative to the run directory, so the directory can be moved or copied). A run
+directory keeps its tokenizer: resuming its checkpoints with data settings (or text) that build
+another one, e.g. another ``data.bpe_vocab_size``, is refused at start (a ``ConfigError``, exit 2)
+and leaves its ``tokenizer.json`` and ``run.json`` as they were; use a new ``trainer.out_dir``.
 """
 
 from __future__ import annotations
@@ -21,22 +24,24 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 
-from core.engine.checkpoint import atomic_write
-from core.engine.config import register_schema
+from core.engine.checkpoint import atomic_write, list_checkpoints
+from core.engine.config import ConfigError, register_schema
 from core.engine.run import hydra_entry, prepare
 from core.engine.trainer import Trainer, seed_from
 
 from .data import chunk_tokens, encode_documents, load_corpus, split_documents
 from .model import TextModel, TextModelConfig, make_loss
-from .tokenizers import build_tokenizer
+from .tokenizers import BPETokenizer, build_tokenizer, from_spec, train_bpe
 
 TOKENIZERS = ("char", "gpt2", "bpe")
+MIN_BPE_VOCAB = 257  # train_bpe: the 256 byte tokens and at least one merge
 
 
 @dataclass
@@ -57,8 +62,13 @@ class TextDataConfig:
         for p in self.paths:
             if not Path(p).exists():
                 raise ValueError(f"data.paths holds a path that does not exist: {p!r}")
+            if Path(p).is_dir() and next(Path(p).rglob("*.txt"), None) is None:
+                raise ValueError(f"data.paths holds a directory without *.txt files: {p!r}")
         if self.tokenizer not in TOKENIZERS:
             raise ValueError(f"data.tokenizer must be one of {list(TOKENIZERS)}, got {self.tokenizer!r}")
+        if self.tokenizer == "bpe" and (isinstance(self.bpe_vocab_size, bool) or self.bpe_vocab_size < MIN_BPE_VOCAB):
+            raise ValueError(f"data.bpe_vocab_size must be >= {MIN_BPE_VOCAB} (the 256 bytes + merges), "
+                             f"got {self.bpe_vocab_size!r}")
         if self.seq_len < 2:
             raise ValueError(f"data.seq_len must be >= 2, got {self.seq_len!r}")
         if not 0.0 < self.val_fraction < 1.0:
@@ -83,24 +93,88 @@ register_schema("data", "text_data_schema", TextDataConfig)
 register_schema("sampler", "text_sampler_schema", TextSamplerConfig)
 
 
-def prepare_data(cfg: TextDataConfig, out_dir: str | Path | None = None):
-    """``(tokenizer, train chunks (N, L), validation chunks (M, L), split names)`` of a data config."""
-    docs = load_corpus(cfg.corpus, cfg.paths)
-    train_names, val_names = split_documents(list(docs), cfg.val_fraction, cfg.split_seed)
+def prepare_data(cfg: TextDataConfig, out_dir: str | Path | None = None, *, existing_run: bool = False):
+    """``(tokenizer, train chunks (N, L), validation chunks (M, L), split names)`` of a data config.
+
+    A corpus these settings cannot use (no training document left, a split too short for one chunk
+    of ``data.seq_len`` tokens, a file that is not UTF-8) is a :class:`ConfigError` naming the setting.
+    ``out_dir``: the run directory; a ``bpe`` tokenizer is trained to a temporary file and then
+    written (atomically) to its ``tokenizer.json``. ``existing_run``: ``out_dir`` holds checkpoints,
+    whose weights belong to the tokenizer the run recorded (``run.json``, ``tokenizer.json``): a
+    tokenizer of other content is a :class:`ConfigError` (a data setting changed the vocabulary),
+    raised before anything in ``out_dir`` is written, and the run's own files are kept.
+    """
+    where = f"data.paths={list(cfg.paths)}" if cfg.corpus == "files" else f"data.corpus={cfg.corpus!r}"
+    try:
+        docs = load_corpus(cfg.corpus, cfg.paths)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    try:
+        train_names, val_names = split_documents(list(docs), cfg.val_fraction, cfg.split_seed)
+    except ValueError as e:
+        hint = ("the corpus is split by document and validation gets at least one: give more documents"
+                if len(docs) < 2 else "lower data.val_fraction or give more documents")
+        raise ConfigError(f"data.val_fraction={cfg.val_fraction} on the {len(docs)} document(s) of {where}: {e}; "
+                          f"{hint}") from None
     train_texts = [docs[n] for n in train_names]
     val_texts = [docs[n] for n in val_names]
-    bpe_path = None
-    if out_dir is not None:
-        # Under torchrun every rank trains the same (deterministic) BPE before the process group
-        # exists; each writes its own file so that no two ranks write one file at once.
-        rank = int(os.environ.get("RANK", "0"))
-        bpe_path = Path(out_dir) / ("tokenizer.json" if rank == 0 else f".tokenizer.rank{rank}.json")
-    tok = build_tokenizer(cfg.tokenizer, train_texts, all_texts=val_texts, bpe_vocab_size=cfg.bpe_vocab_size,
-                          bpe_path=bpe_path)
+    if cfg.tokenizer == "bpe" and out_dir is not None:
+        tok = _bpe_for_run(cfg, train_texts, Path(out_dir), existing_run)
+    else:
+        tok = build_tokenizer(cfg.tokenizer, train_texts, all_texts=val_texts, bpe_vocab_size=cfg.bpe_vocab_size)
+        if existing_run and out_dir is not None:
+            _check_run_tokenizer(cfg, tok, Path(out_dir))
     sep = tok.encode("\n\n")
-    train = chunk_tokens(encode_documents(tok, train_texts, sep), cfg.seq_len)
-    val = chunk_tokens(encode_documents(tok, val_texts, sep), cfg.seq_len)
-    return tok, train, val, {"train": train_names, "val": val_names}
+    chunks = []
+    for name, texts in (("training", train_texts), ("validation", val_texts)):
+        stream = encode_documents(tok, texts, sep)
+        if len(stream) < cfg.seq_len:
+            raise ConfigError(f"data.seq_len={cfg.seq_len} is longer than the {name} split, whose {len(stream)} "
+                              f"tokens make no chunk; lower data.seq_len or give more text")
+        chunks.append(chunk_tokens(stream, cfg.seq_len))
+    return tok, chunks[0], chunks[1], {"train": train_names, "val": val_names}
+
+
+def _bpe_for_run(cfg: TextDataConfig, train_texts: list[str], out_dir: Path, existing_run: bool) -> BPETokenizer:
+    """Train the BPE of ``cfg`` in a temporary folder; check it against an existing run's; write it into the run."""
+    # Under torchrun every rank trains the same (deterministic) BPE before the process group
+    # exists; each writes its own file so that no two ranks write one file at once.
+    rank = int(os.environ.get("RANK", "0"))
+    final = out_dir / ("tokenizer.json" if rank == 0 else f".tokenizer.rank{rank}.json")
+    with tempfile.TemporaryDirectory(prefix="polydiff-bpe-") as tmp:
+        new = train_bpe(train_texts, cfg.bpe_vocab_size, Path(tmp) / "tokenizer.json")
+        content = Path(new.path).read_bytes()
+    if existing_run:
+        _check_run_tokenizer(cfg, new, out_dir)
+        if final.is_file():  # the run's own file (of the same content): kept as it is
+            return BPETokenizer(str(final))
+    atomic_write(final, lambda f: f.write(content))
+    return BPETokenizer(str(final))
+
+
+def _check_run_tokenizer(cfg: TextDataConfig, tok, out_dir: Path) -> None:
+    """ConfigError unless ``tok`` has the content of the tokenizer the run in ``out_dir`` recorded."""
+    old, old_data = None, None
+    try:
+        if (out_dir / "run.json").is_file():
+            info = json.loads((out_dir / "run.json").read_text())
+            old, old_data = from_spec(info["tokenizer"], root=out_dir), info.get("data")
+        elif (out_dir / "tokenizer.json").is_file():
+            old = BPETokenizer(str(out_dir / "tokenizer.json"))
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # nothing readable recorded: the engine still checks the weights against the model
+    if old is None or old.fingerprint() == tok.fingerprint():
+        return
+    new_data = dataclasses.asdict(cfg)
+    changed = [f"data.{k} {old_data[k]!r} -> {v!r}" for k, v in new_data.items()
+               if isinstance(old_data, dict) and k in old_data and old_data[k] != v]
+    why = (f"a data setting changed the tokenizer: {', '.join(changed)}" if changed else
+           "the training text changed the tokenizer (the data settings are the run's)")
+    size = (f"{tok.vocab_size} tokens against the run's {old.vocab_size}" if tok.vocab_size != old.vocab_size else
+            f"{tok.vocab_size} tokens like the run's, but other ones")
+    raise ConfigError(f"{why}: the {tok.kind} vocabulary it builds has {size}. {out_dir} holds checkpoints whose "
+                      "weights belong to the run's tokenizer, which is kept: resume with the run's data settings, "
+                      "or give a new trainer.out_dir")
 
 
 def make_sample_fn(model_cfg: TextModelConfig, sampler: TextSamplerConfig, tokenizer, seq_len: int):
@@ -130,7 +204,9 @@ def train(cfg: DictConfig) -> dict:
     data_cfg: TextDataConfig = ctx.groups["data"]
     out_dir = Path(ctx.trainer.out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    tok, train_chunks, val_chunks, split = prepare_data(data_cfg, out_dir)
+    # checkpoints there (whatever trainer.resume says) hold weights of the run's tokenizer: never replaced
+    existing_run = bool(list_checkpoints(out_dir / "checkpoints"))
+    tok, train_chunks, val_chunks, split = prepare_data(data_cfg, out_dir, existing_run=existing_run)
     model = TextModel(model_cfg, tok.vocab_size)
     n_params = sum(p.numel() for p in model.parameters())  # before the engine wraps (FSDP shards) it
     trainer = Trainer(model, make_loss(model_cfg), train_chunks, ctx.trainer,
