@@ -227,7 +227,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--per-class", type=int, default=100, help="samples per class")
     p.add_argument("--sampler", default="euler")
     p.add_argument("--nfe", type=int, default=None,
-                   help="NFE budget (default 20); none for the adaptive samplers dopri5 and adaptive_sde")
+                   help="NFE budget (default 20); leave it out for the adaptive samplers dopri5 and adaptive_sde, "
+                        "whose cost follows their tolerances (--option)")
     p.add_argument("--cfg-scale", type=float, default=3.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=250)

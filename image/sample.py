@@ -475,7 +475,8 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--run", required=True, help="run directory, checkpoint or ema_*.safetensors file")
     p.add_argument("--sampler", default="euler", help=f"'ddpm' (DiT) or a core sampler: {sorted(SAMPLERS)}")
     p.add_argument("--nfe", type=int, default=None,
-                   help="NFE budget (default 20); none for the adaptive samplers dopri5 and adaptive_sde")
+                   help="NFE budget (default 20); leave it out for the adaptive samplers dopri5 and adaptive_sde, "
+                        "whose cost follows their tolerances (--option)")
     p.add_argument("--cfg-scale", type=float, default=3.0)
     p.add_argument("--interval", type=float, nargs=2, default=None, metavar=("T_LO", "T_HI"))
     p.add_argument("--adaptive-gamma", type=float, default=None)

@@ -58,6 +58,11 @@ def test_runs_evaluates_common_steps_and_packs(tmp_path, capsys):
     for name, p in model.state_dict().items():
         assert torch.equal(p, ema[name].to(torch.bfloat16).float()), name
     assert info["model"]["kind"] == "radd"
+    # text.sample runs on a pack too (no validation chunk travels with it: no infilling example)
+    from text.sample import main as sample_main
+
+    sample_main(["--run", str(pack / "radd"), "--steps", "4", "--num", "1", "--out", str(tmp_path / "s.txt")])
+    assert "## sample 0" in (tmp_path / "s.txt").read_text() and "no infilling example" in capsys.readouterr().out
     # a second call on the same --out is refused (the runs would silently resume) unless --resume
     with pytest.raises(SystemExit) as e:
         main(["--out", str(out), "--models", "radd,ar", *TINY])

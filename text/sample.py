@@ -296,7 +296,10 @@ def main(argv: list[str] | None = None) -> None:
         lines += [f"\n## sample {i}\n", _fmt(tok, row)]
     if prefix is not None:
         lines += [f"\n## prefix {text!r}\n", _fmt(tok, xp[0])]
-    if model.kind != "ar":
+    if model.kind != "ar" and not (Path(a.run) / "val_chunk.pt").is_file():
+        # a packed run (benchmarks.text_long --pack) carries weights, run.json and tokenizer only
+        print(f"no infilling example: {Path(a.run) / 'val_chunk.pt'} (a validation chunk) is absent", flush=True)
+    elif model.kind != "ar":
         val = torch.load(Path(a.run) / "val_chunk.pt", weights_only=True)[:L]
         q = len(val) // 4
         pos = torch.cat([torch.arange(q), torch.arange(len(val) - q, len(val))])
