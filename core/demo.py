@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import trange
 
+from .engine.checkpoint import atomic_write_text
 from .engine.ema import EMA
 from .grids import karras_grid
 from .likelihood import log_likelihood
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
     metrics["test_nll_bits_per_dim"] = round(nll / (2 * math.log(2)), 4)
     metrics["optimal_nll_nats"] = round(CHECKERBOARD_NLL, 4)
     metrics["nll_nfe"] = nfe
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
 
     print(f"trained {args.steps} steps in {train_s:.1f}s on the {args.path} path ({args.prediction} prediction)")
     for name, m in metrics["samplers"].items():

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from rdkit import Chem
 
-from core.engine.checkpoint import save_checkpoint
+from core.engine.checkpoint import atomic_write_text, save_checkpoint
 
 from .molecules import (
     MOSES_ATOMS,
@@ -306,7 +306,7 @@ def evaluate_molecules(
         write_sdf(out_dir / "molecules.sdf", dec["mols"])
         if mols:
             draw_grid(out_dir / "grid.png", mols)
-        (out_dir / "metrics.json").write_text(json.dumps(out, indent=2))
+        atomic_write_text(out_dir / "metrics.json", json.dumps(out, indent=2))
     if return_smiles:
         out["smiles"] = dec["smiles"]
     return out

@@ -42,6 +42,8 @@ from rdkit import Chem, RDLogger
 from torch import Tensor
 from tqdm import tqdm
 
+from core.engine.checkpoint import atomic_write_text
+
 RDLogger.DisableLog("rdApp.*")  # RDKit prints every failed sanitisation; failures are counted instead
 
 __all__ = [
@@ -558,7 +560,7 @@ def write_smiles(path: str | Path, smiles: Iterable[str | None]) -> Path:
     SDF); failed samples (``None``) are left out, so the names keep lines and samples paired."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(f"{s} sample_{i}\n" for i, s in enumerate(smiles) if s))
+    atomic_write_text(path, "".join(f"{s} sample_{i}\n" for i, s in enumerate(smiles) if s))
     return path
 
 

@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from core.engine.checkpoint import atomic_write_text
+
 from .data import ImageSet, load_images
 
 log = logging.getLogger("polydiff.image.classifier")
@@ -254,7 +256,7 @@ def load_or_train_classifier(dataset_name: str, cache_dir: str | Path = "outputs
     if run_dir.exists() and (retrain or not stamp.is_file() or json.loads(stamp.read_text()) != want):
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(json.dumps(want))
+    atomic_write_text(stamp, json.dumps(want))
     log.info("training the evaluation classifier on %s (%d images %s)", dataset_name, len(train), train.shape)
     t0 = time.perf_counter()
     clf = train_classifier(train, recipe, out_dir=run_dir, device=device, progress=progress)

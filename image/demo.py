@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from core.engine.checkpoint import atomic_write_text
+
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m image.demo", description=__doc__.split("\n\n")[0])
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
         metrics = evaluate_samples(images, labels, a.data)
         report.update({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))})
     report["sample_eval_seconds"] = round(time.perf_counter() - t1, 1)
-    (out / "metrics.json").write_text(json.dumps(report, indent=1))
+    atomic_write_text(out / "metrics.json", json.dumps(report, indent=1))
     print(json.dumps(report), flush=True)
     return report
 

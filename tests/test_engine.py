@@ -896,3 +896,12 @@ def test_resume_drops_a_metrics_line_torn_by_a_kill(tmp_path):
     with open(tmp_path / "metrics.csv", newline="") as f:
         rows = list(csv.reader(f))
     assert [int(float(r[rows[0].index("step")])) for r in rows[1:]] == list(range(1, 9))
+
+
+def test_atomic_write_text_replaces_whole_files_and_leaves_no_temp(tmp_path):
+    from core.engine.checkpoint import atomic_write_text
+
+    p = atomic_write_text(tmp_path / "sub" / "m.json", "é" * 3)
+    assert p.read_text(encoding="utf-8") == "ééé"
+    atomic_write_text(p, "x")
+    assert p.read_text() == "x" and sorted(q.name for q in p.parent.iterdir()) == ["m.json"]

@@ -78,6 +78,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
     return path
 
 
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically (:func:`atomic_write`)."""
+    data = text.encode("utf-8")
+    return atomic_write(path, lambda f: f.write(data))
+
+
 def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
     """Write ``state`` with ``torch.save`` atomically to ``path``."""
     return atomic_write(path, lambda f: torch.save(state, f))
