@@ -521,6 +521,9 @@ def train(cfg: DictConfig) -> dict:
     if sampler.use_ema and not ctx.trainer.ema_decays:  # checked before training, not ignored after it
         raise ConfigError("sampler.use_ema=true but trainer.ema_decays is empty: the run keeps no EMA to sample "
                           "with; set trainer.ema_decays or sampler.use_ema=false")
+    if ctx.trainer.strategy == "fsdp":  # checked before the data: the final evaluation needs whole weights
+        raise ConfigError("trainer.strategy=fsdp is not supported by graph.train: its end-of-run evaluation samples "
+                          "on rank 0 with the whole model, and GDSS's networks are small; use trainer.strategy=ddp")
     data = load_data(data_cfg)
     # the sizes used (a null max_node_num / max_feat_num is the data's own), as run.json records them
     data_cfg = dataclasses.replace(data_cfg, max_node_num=data.adj.shape[-1], max_feat_num=data.x.shape[-1])
@@ -533,7 +536,10 @@ def train(cfg: DictConfig) -> dict:
     out_dir = Path(ctx.trainer.out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     n_params = sum(p.numel() for p in model.parameters())  # before the engine wraps (FSDP shards) it
-    trainer = Trainer(model, loss_fn, torch.utils.data.TensorDataset(*data.train()), ctx.trainer,
+    # GDSS's last adjacency layer computes node values its output never uses (kept: the official weights hold
+    # them), so DDP must allow parameters without a gradient
+    trainer_cfg = dataclasses.replace(ctx.trainer, find_unused_parameters=True)
+    trainer = Trainer(model, loss_fn, torch.utils.data.TensorDataset(*data.train()), trainer_cfg,
                       sample_fn=make_sample_fn(data, sampler, steps), run_config=ctx.snapshot())
     trainer.resume()  # a refused resume (another model's checkpoint) stops before run.json is rewritten
     if trainer.is_main:

@@ -767,11 +767,13 @@ def test_two_gloo_ranks_match_one_rank(tmp_path):
 
 
 @pytest.mark.slow
-def test_fsdp_two_ranks_match_one_rank_and_resume(tmp_path):
-    """FSDP2 over gloo: stop at step 3, resume to 6; same weights as one rank (float tolerance)."""
+@pytest.mark.parametrize("wrap", ["[Linear]", "[]"])  # []: the root alone holds every parameter
+def test_fsdp_two_ranks_match_one_rank_and_resume(tmp_path, wrap):
+    """FSDP2 over gloo: stop at step 3, resume to 6; same weights as one rank (float tolerance). Sampling at
+    step 3 swaps the EMA in and out around a no-grad forward, which leaves FSDP's root unsharded."""
     args = ("loss=regression", "trainer=smoke", "trainer.steps=6", "trainer.batch_size=16", "trainer.ckpt_every=3",
             "trainer.sample_every=3", "sampler.num_samples=31", "sampler.steps=4", "data.n=512", "model.hidden=32")
-    fsdp = (*args, "trainer.strategy=fsdp", "trainer.fsdp_wrap=[Linear]")
+    fsdp = (*args, "trainer.strategy=fsdp", f"trainer.fsdp_wrap={wrap}")
     run_example(tmp_path / "two", *fsdp, "trainer.stop_at=3", torchrun=2)
     assert [s for s, _ in list_checkpoints(tmp_path / "two" / "checkpoints")] == [3]
     run_example(tmp_path / "two", *fsdp, torchrun=2)

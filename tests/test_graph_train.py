@@ -156,6 +156,7 @@ def test_sample_cli_names_another_runs_directory_or_checkpoint(full_run, tmp_pat
     (("data.name=lobster",), "data.name"),
     (("trainer.batch_size=96",), "batch_size"),
     (("model.x=GIN",), "model.x"),
+    (("trainer.strategy=fsdp",), "trainer.strategy=fsdp is not supported by graph.train"),
     (("sampler.solver=ddim",), "sampler.solver"),
     (("data.max_feat_num=5",), "max_feat_num"),
     (("model.sde_adj.type=XYZ",), "sde_adj.type"),
@@ -365,3 +366,24 @@ def test_gdss_recipes_decay_lr_and_ema_as_gdss(trainer, epochs):
         step = round(epoch * steps_per_epoch)
         assert lr_factor(step, t.warmup_steps, t.steps, t.schedule, t.min_lr_ratio) == pytest.approx(
             0.999**epoch, rel=1e-4)
+
+
+def test_two_rank_ddp_trains_through_the_unused_last_layer_and_resumes(tmp_path):
+    """GDSS's last adjacency layer has parameters its output never uses: DDP (2 gloo ranks) must let
+    them go without a gradient (it stopped at step 2); stopped at 3 and resumed, the run finishes and
+    evaluates once."""
+    import os
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "graph.train",
+           f"trainer.out_dir={tmp_path / 'ddp'}", *TINY, "trainer.batch_size=16", "trainer.steps=6",
+           "trainer.ckpt_every=3"]
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    for extra in (["trainer.stop_at=3"], []):
+        proc = subprocess.run(cmd + extra, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    from core.engine.checkpoint import list_checkpoints
+
+    assert [s for s, _ in list_checkpoints(tmp_path / "ddp" / "checkpoints")][-1] == 6
+    assert json.loads((tmp_path / "ddp" / "eval" / "metrics.json").read_text())["num_samples"] == 6

@@ -85,6 +85,9 @@ class TrainerConfig:
     device: str = "auto"
     strategy: str = "ddp"  # used when launched by torchrun with more than one rank
     fsdp_wrap: list[str] = field(default_factory=list)  # module class names sharded on their own
+    # DDP: let parameters go without a gradient in a step (a model with layers its loss does not use,
+    # e.g. GDSS's last adjacency layer); DDP otherwise stops at the second step
+    find_unused_parameters: bool = False
     compile: bool = False
     num_workers: int = 0
     ckpt_every: int = 1000

@@ -359,7 +359,7 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" else None
-            model = ddp = DistributedDataParallel(raw, device_ids=ids)
+            model = ddp = DistributedDataParallel(raw, device_ids=ids, find_unused_parameters=cfg.find_unused_parameters)
         elif self.world > 1 and cfg.strategy == "fsdp":
             import torch.distributed as dist
             from torch.distributed.fsdp import fully_shard
@@ -639,10 +639,21 @@ class Trainer:
         try:
             ctx = self.ema.swapped_in(self.raw_model) if self.ema is not None else contextlib.nullcontext()
             with ctx, torch.no_grad():
-                self.sample_fn(self.raw_model, self.step, self.out_dir)
+                try:
+                    self.sample_fn(self.raw_model, self.step, self.out_dir)
+                finally:
+                    if self.fsdp:  # a no-grad forward leaves FSDP's root unsharded: shard it back before the
+                        self._reshard()  # EMA swap restores the weights (plain tensors into DTensors fails)
         finally:
             self.raw_model.train(was_training)
             set_rng_state(saved)
+
+    def _reshard(self) -> None:
+        from torch.distributed.fsdp import FSDPModule
+
+        for m in self.raw_model.modules():
+            if isinstance(m, FSDPModule):
+                m.reshard()
 
     def export(self) -> list[Path]:
         """Write ``ema_<decay>.safetensors`` for each decay (``model.safetensors`` without EMA)."""
