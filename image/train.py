@@ -351,7 +351,10 @@ def train(cfg: DictConfig) -> dict:
     result = trainer.fit()
     train_seconds = time.perf_counter() - t_start
     if trainer.is_main and trainer.step >= ctx.trainer.steps:
-        metrics = evaluate_run(out_dir, sampler_cfg, info)
+        from core.engine import distributed as D
+
+        with D.local():  # rank 0 alone: training the evaluation classifier here must not wait for other ranks
+            metrics = evaluate_run(out_dir, sampler_cfg, info)
         if metrics is not None:
             result["eval"] = metrics
     result["seconds"] = train_seconds

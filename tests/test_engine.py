@@ -907,3 +907,22 @@ def test_atomic_write_text_replaces_whole_files_and_leaves_no_temp(tmp_path):
     assert p.read_text(encoding="utf-8") == "ééé"
     atomic_write_text(p, "x")
     assert p.read_text() == "x" and sorted(q.name for q in p.parent.iterdir()) == ["m.json"]
+
+
+def test_local_block_acts_alone_inside_a_process_group(tmp_path, monkeypatch):
+    """D.local(): rank 0 alone (e.g. training an evaluation classifier after the run) joins no collective."""
+    import torch.distributed as dist
+
+    from core.engine import distributed as D
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun
+        assert D.is_distributed()
+        with D.local():
+            assert not D.is_distributed() and D.world_size() == 1 and D.rank() == 0
+            assert D.init_distributed(torch.device("cpu")) is False  # a nested Trainer starts single-process
+            assert D.broadcast_object("x") == "x" and D.gather_object(3) == [3]
+        assert D.is_distributed()
+    finally:
+        dist.destroy_process_group()

@@ -429,3 +429,23 @@ def test_adaptive_samplers_write_training_grids(tmp_path, sampler, option):
     assert (out / "samples" / "step_00000006.png").is_file()
     png = sample_main(["--run", str(out), "--sampler", sampler, "--option", option, "--per-class", "1"])
     assert png.name == f"sample_{sampler}_nfeadaptive_cfg3.png" and png.is_file()
+
+
+@pytest.mark.slow
+def test_two_ranks_train_and_evaluate_with_a_classifier_not_yet_cached(tmp_path):
+    """Rank 0 trains the evaluation classifier after the run on its own (core.engine.distributed.local):
+    its nested Trainer used to make collective calls rank 1 never answered (gloo: connection closed)."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "image.train",
+           "data=digits", "model.patch_size=2", "model.hidden_size=16", "model.depth=2", "model.num_heads=2",
+           "trainer=smoke", "trainer.progress=false", "sampler.eval_per_class=2", "sampler.eval_batch=20",
+           "sampler.nfe=4", "sampler.per_class=2", f"trainer.out_dir={tmp_path / 'run'}"]
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)  # fresh cache
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "training the evaluation classifier" in proc.stdout + proc.stderr
+    assert (tmp_path / "run" / "eval.json").is_file()

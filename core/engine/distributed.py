@@ -7,16 +7,33 @@ single-process answer, so samplers and evaluation code can call :func:`gather` u
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+_LOCAL = [0]  # depth of local() blocks
+
 
 def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
+    return _LOCAL[0] == 0 and dist.is_available() and dist.is_initialized()
+
+
+@contextlib.contextmanager
+def local() -> Iterator[None]:
+    """Within the block this process acts alone: every helper gives the single-process answer and
+    :func:`init_distributed` joins no group, so a nested :class:`~core.engine.trainer.Trainer` (e.g. an
+    evaluation classifier trained by rank 0 alone, after the run) makes no collective call the other
+    ranks would never answer."""
+    _LOCAL[0] += 1
+    try:
+        yield
+    finally:
+        _LOCAL[0] -= 1
 
 
 def rank() -> int:
@@ -38,7 +55,7 @@ def init_distributed(device: torch.device, timeout_s: float = 1800.0) -> bool:
     """
     if is_distributed():
         return True
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if _LOCAL[0] or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
     if not dist.is_available():
         raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
