@@ -54,8 +54,10 @@ class TrainerConfig:
     """Everything the training loop needs; ``batch_size`` is the *global* batch per optimiser step.
 
     The global batch is split over ``world_size`` ranks and ``grad_accum`` micro-steps, so it
-    must be divisible by ``world_size * grad_accum``; the optimisation is then the same for any
-    number of ranks (up to float reduction order).
+    must be divisible by ``world_size * grad_accum``. The batches are then the same for any number of
+    ranks, and a deterministic loss gives the same optimisation (up to float reduction order); a loss
+    that draws noise (diffusion times and noise) draws it per rank, so its draws, and the weights,
+    differ from a one-rank run's while following the same distribution.
     """
 
     seed: int = 0
