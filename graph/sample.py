@@ -35,7 +35,14 @@ from pathlib import Path
 
 import torch
 
-from core.engine.checkpoint import CheckpointError, atomic_write, list_checkpoints, load_checkpoint, state_dict_misfit
+from core.engine.checkpoint import (
+    CheckpointError,
+    atomic_write,
+    list_checkpoints,
+    load_checkpoint,
+    read_run_json,
+    state_dict_misfit,
+)
 from core.engine.config import ConfigError, to_schema, typed_group
 from core.engine.ema import decay_key
 
@@ -51,16 +58,7 @@ def read_run(run: str | Path) -> tuple[dict, GraphModelConfig, GraphDataConfig, 
     """``(run.json, model, data and sampler configs)`` of a ``graph.train`` run directory; ValueError saying
     so when it is not one (no run.json, or another entry point's: text.train, image.train, ...)."""
     run = Path(run)
-    info_path = run / "run.json"
-    if not info_path.is_file():
-        raise ValueError(f"{run} is not a graph.train run directory: {info_path} does not exist")
-    try:
-        info = json.loads(info_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{info_path} is not readable: {e}") from None
-    missing = [k for k in ("model", "data", "sampler") if not isinstance(info, dict) or k not in info]
-    if missing:
-        raise ValueError(f"{run} is not a graph.train run: its run.json has no {missing}")
+    info = read_run_json(run, "graph.train", ("model", "data", "sampler"))
     try:
         configs = (to_schema(info["model"], GraphModelConfig, "model"), to_schema(info["data"], GraphDataConfig, "data"),
                    to_schema(info["sampler"], GraphSamplerConfig, "sampler"))

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from core.engine.checkpoint import atomic_write
+from core.engine.checkpoint import atomic_write, read_run_json
 from core.guidance import GuidedDenoiser, cfg_net
 from core.predictions import as_denoiser
 from core.samplers import SAMPLERS, sample
@@ -94,13 +94,7 @@ RUN_KEYS = ("model", "input_size", "in_channels", "num_classes")
 def read_run_info(run: Path) -> dict:
     """``run.json`` of an ``image.train`` run directory; ValueError saying so when it is another entry
     point's run (text.train, graph.train, ...: other keys, other model settings)."""
-    try:
-        info = json.loads((run / "run.json").read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{run}/run.json is not readable: {e}") from None
-    missing = [k for k in RUN_KEYS if not isinstance(info, dict) or k not in info]
-    if missing:
-        raise ValueError(f"{run} is not an image.train run: its run.json has no {missing}")
+    info = read_run_json(run, "image.train", RUN_KEYS)
     try:
         config_from_dict(info["model"])
     except (TypeError, ValueError) as e:

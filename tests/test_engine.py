@@ -926,3 +926,17 @@ def test_local_block_acts_alone_inside_a_process_group(tmp_path, monkeypatch):
         assert D.is_distributed()
     finally:
         dist.destroy_process_group()
+
+
+def test_read_run_json_names_the_run_and_what_is_wrong(tmp_path):
+    from core.engine.checkpoint import read_run_json
+
+    with pytest.raises(ValueError, match=r"is not an image.train run: it holds no run.json"):
+        read_run_json(tmp_path, "image.train")
+    (tmp_path / "run.json").write_text("{not json")
+    with pytest.raises(ValueError, match="cannot be read"):
+        read_run_json(tmp_path, "graph.train")
+    (tmp_path / "run.json").write_text(json.dumps({"model": {}, "tokenizer": "char"}))
+    with pytest.raises(ValueError, match=r"is not a graph.train run: its run.json has no \['data', 'sampler'\]"):
+        read_run_json(tmp_path, "graph.train", ("model", "data", "sampler"))
+    assert read_run_json(tmp_path, "text.train", ("model",)) == {"model": {}, "tokenizer": "char"}

@@ -21,7 +21,6 @@ to a text file.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import warnings
 from pathlib import Path
@@ -30,7 +29,7 @@ import torch
 from torch import Tensor
 
 from core.discrete import infill_condition, sample_absorbing, sample_analytic
-from core.engine.checkpoint import atomic_write
+from core.engine.checkpoint import atomic_write, read_run_json
 
 from .model import KINDS, TextModel, TextModelConfig
 from .tokenizers import from_spec
@@ -144,16 +143,10 @@ def read_run_info(run_dir: str | Path) -> dict:
     ``text.train`` records the tokenizer, the vocabulary size and a ``model.kind`` of
     :data:`~text.model.KINDS`; another domain's run (e.g. ``image.train``) lacks them.
     """
-    info_path = Path(run_dir) / "run.json"
-    if not info_path.is_file():
-        raise ValueError(f"{str(run_dir)!r} is not a text.train run (no run.json)")
-    try:
-        info = json.loads(info_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{str(info_path)!r} cannot be read: {e}") from None
-    model = info.get("model") if isinstance(info, dict) else None
+    info = read_run_json(run_dir, "text.train")
+    model = info.get("model")
     kind = model.get("kind") if isinstance(model, dict) else None
-    missing = [k for k in ("tokenizer", "vocab_size", "data") if not isinstance(info, dict) or k not in info]
+    missing = [k for k in ("tokenizer", "vocab_size", "data") if k not in info]
     if kind not in KINDS or missing:
         raise ValueError(f"{str(run_dir)!r} is not a text.train run: its run.json has model.kind={kind!r} (text "
                          f"models: {list(KINDS)})" + (f" and no {', '.join(missing)}" if missing else "")

@@ -10,6 +10,7 @@ under a checkpoint name.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pickle
@@ -175,6 +176,24 @@ def first_ema_shadow(state: dict, order=()) -> dict | None:
         if key in shadows:
             return shadows[key]
     return next(iter(shadows.values()))
+
+
+def read_run_json(run_dir: str | os.PathLike, entry: str, required=()) -> dict:
+    """The ``run.json`` an entry point (``entry``, e.g. ``"graph.train"``) wrote into ``run_dir``, as a dict
+    holding every key of ``required``; ValueError saying "<run_dir> is not a <entry> run" and why (no
+    run.json, an unreadable one, missing keys: another entry point's run) otherwise."""
+    info_path = Path(run_dir) / "run.json"
+    what = f"{run_dir} is not {'an' if entry[:1] in 'aeiou' else 'a'} {entry} run"
+    if not info_path.is_file():
+        raise ValueError(f"{what}: it holds no run.json")
+    try:
+        info = json.loads(info_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{str(info_path)!r} cannot be read: {e}") from None
+    missing = [k for k in required if not isinstance(info, dict) or k not in info]
+    if missing or not isinstance(info, dict):
+        raise ValueError(f"{what}: its run.json has no {missing}; is it another entry point's run?")
+    return info
 
 
 def state_dict_misfit(expected: dict, weights: dict, show: int = 3) -> str:
