@@ -36,9 +36,7 @@ from core.engine.checkpoint import (
     CheckpointError,
     atomic_write,
     checkpoint_path,
-    list_checkpoints,
-    load_checkpoint,
-    newest_loadable,
+    pick_resume_checkpoint,
     prune_checkpoints,
     remove_stale_temp_files,
     rng_state,
@@ -230,22 +228,11 @@ class TabularDiffusion:
         """The checkpoint ``ckpt['resume']`` asks for (None: start at step 0), checked against ``fingerprint``."""
         d, resume = ckpt["dir"], ckpt["resume"]
         remove_stale_temp_files(d)
-        existing = list_checkpoints(d)
-        if resume is False:
-            if existing:
-                raise CheckpointError(f"resume=False but {str(d)!r} already holds checkpoints (newest: step "
-                                      f"{existing[-1][0]}); resume them or use another directory")
+        found = pick_resume_checkpoint(d, resume, "resume", CheckpointError, ("False", "True"))
+        if found is None:
+            set_aside_checkpoints_after(d, None)  # only unloadable files (or none): this fit starts at step 0
             return None
-        if resume is True or resume == "auto":
-            found = newest_loadable(d)
-            if found is None:
-                if resume is True:
-                    raise CheckpointError(f"resume=True but {str(d)!r} holds no loadable checkpoint")
-                set_aside_checkpoints_after(d, None)  # only unloadable files: this fit starts at step 0
-                return None
-            path, state = found
-        else:
-            path, state = Path(resume), load_checkpoint(resume)
+        path, state = found
         if state.get("format") != FIT_CHECKPOINT_FORMAT:
             raise CheckpointError(f"{str(path)!r} is not a CDTD fit checkpoint (format {state.get('format')!r})")
         saved = state["fingerprint"]

@@ -940,3 +940,20 @@ def test_read_run_json_names_the_run_and_what_is_wrong(tmp_path):
     with pytest.raises(ValueError, match=r"is not a graph.train run: its run.json has no \['data', 'sampler'\]"):
         read_run_json(tmp_path, "graph.train", ("model", "data", "sampler"))
     assert read_run_json(tmp_path, "text.train", ("model",)) == {"model": {}, "tokenizer": "char"}
+
+
+def test_pick_resume_checkpoint_follows_the_resume_setting(tmp_path):
+    from core.engine.checkpoint import pick_resume_checkpoint
+
+    d = tmp_path / "ckpts"
+    assert pick_resume_checkpoint(d, "auto") is None and pick_resume_checkpoint(d, False) is None
+    with pytest.raises(ConfigError, match="trainer.resume=true but .* holds no loadable checkpoint"):
+        pick_resume_checkpoint(d, True, "trainer.resume", ConfigError)
+    save_checkpoint({"step": 2}, checkpoint_path(d, 2))
+    checkpoint_path(d, 4).write_bytes(b"torn")  # the newest does not load: the one before it is taken
+    path, state = pick_resume_checkpoint(d, "auto")
+    assert path == checkpoint_path(d, 2) and state["step"] == 2
+    assert pick_resume_checkpoint(d, True)[1]["step"] == 2
+    with pytest.raises(CheckpointError, match=r"resume=False but .* \(newest: step 4\)"):
+        pick_resume_checkpoint(d, False, "resume", CheckpointError, ("False", "True"))
+    assert pick_resume_checkpoint(d, str(checkpoint_path(d, 2)))[1]["step"] == 2

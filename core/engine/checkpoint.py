@@ -108,8 +108,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
             f"weights-only allow-list (tensors, numbers, strings, lists, dicts); nothing in it was "
             f"executed. torch said: {first}"
         ) from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or incomplete: {e}") from None
+    except Exception as e:  # noqa: BLE001 - garbage bytes fail in the legacy unpickler in many ways (IndexError, ...)
+        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or incomplete: {type(e).__name__}: {e}") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {str(path)!r} holds a {type(state).__name__}, expected a dict")
     return state
@@ -163,6 +163,27 @@ def set_aside_checkpoints_after(directory: str | os.PathLike, step: int | None) 
     if moved:
         fsync_dir(directory)
     return moved
+
+
+def pick_resume_checkpoint(directory: str | os.PathLike, resume, key: str = "resume",
+                           error: type[Exception] = ValueError, bools=("false", "true")) -> tuple[Path, dict] | None:
+    """The checkpoint a run continues from, as ``resume`` asks: ``"auto"`` the newest loadable one in
+    ``directory`` if any (None: start at step 0), ``True`` the same but one is required, ``False`` none
+    may exist (None), a path that file. Refusals raise ``error`` naming ``key`` and its value as the
+    caller's user spells them (``bools``: a config's false/true, or Python's False/True). Files are
+    read with ``weights_only=True``."""
+    existing = list_checkpoints(directory)
+    if resume is False:
+        if existing:
+            raise error(f"{key}={bools[0]} but {directory} already holds checkpoints (newest: step {existing[-1][0]}); "
+                        f"use {key}=auto to continue them, or another directory")
+        return None
+    if resume is True or resume == "auto":
+        found = newest_loadable(directory)
+        if found is None and resume is True:
+            raise error(f"{key}={bools[1]} but {directory} holds no loadable checkpoint")
+        return found
+    return Path(resume), load_checkpoint(resume)
 
 
 def first_ema_shadow(state: dict, order=()) -> dict | None:

@@ -58,9 +58,7 @@ from .checkpoint import (
     atomic_write,
     checkpoint_path,
     export_safetensors,
-    list_checkpoints,
-    load_checkpoint,
-    newest_loadable,
+    pick_resume_checkpoint,
     prune_checkpoints,
     remove_stale_temp_files,
     rng_state,
@@ -576,24 +574,11 @@ class Trainer:
         if self.is_main:
             remove_stale_temp_files(self.ckpt_dir)
         D.barrier()
-        existing = list_checkpoints(self.ckpt_dir)
-        if cfg.resume is False:
-            if existing:
-                raise ConfigError(
-                    f"trainer.resume=false but {self.ckpt_dir} already holds checkpoints "
-                    f"(newest: step {existing[-1][0]}); use trainer.resume=auto or another trainer.out_dir"
-                )
+        found = pick_resume_checkpoint(self.ckpt_dir, cfg.resume, "trainer.resume", ConfigError)
+        if found is None:
+            self._set_aside_after(None)  # only unloadable files (or none): this run starts at step 0
             return None
-        if cfg.resume in (True, "auto"):
-            found = newest_loadable(self.ckpt_dir)
-            if found is None:
-                if cfg.resume is True:
-                    raise ConfigError(f"trainer.resume=true but {self.ckpt_dir} holds no loadable checkpoint")
-                self._set_aside_after(None)  # only unloadable files: this run starts at step 0
-                return None
-            path, state = found
-        else:
-            path, state = Path(cfg.resume), load_checkpoint(cfg.resume)
+        path, state = found
         self._check_run_config(path, state)
         self._check_shapes(path, state)
         self.load_state_dict(state)
